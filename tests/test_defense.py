@@ -1,0 +1,152 @@
+"""PGDAdversarialTraining: closed-form step, distribution, saving, Python use, bad input."""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfadv import models
+from tfadv.attacks import PGD
+from tfadv.defenses import PGDAdversarialTraining, StandardTraining
+
+
+def _linear(weights):
+    inputs = keras.Input((1, 3, 1))
+    dense = keras.layers.Dense(weights.shape[1], use_bias=False)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([weights])
+    return model
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_training_step_matches_closed_form_on_linear_model():
+    w = np.array([[1.0, -2.0], [0.5, 0.0], [-1.0, 3.0]], dtype="float32")
+    x = np.array([[0.2, 0.5, 0.9], [0.6, 0.1, 0.4], [0.3, 0.3, 0.3]], dtype="float32")
+    y = np.array([0, 1, 1])
+    eps, lr = 0.1, 0.5
+    # Attack: one sign step of size eps from x (closed form of the input gradient).
+    grad_x = (_softmax(x @ w) - np.eye(2)[y]) @ w.T
+    x_adv = np.clip(x + eps * np.sign(grad_x), 0, 1)
+    # Training step: w <- w - lr * mean_i x_adv_i^T (softmax(x_adv_i w) - onehot(y_i)).
+    grad_w = x_adv.T @ (_softmax(x_adv @ w) - np.eye(2)[y]) / len(x)
+    expected = w - lr * grad_w
+
+    model = PGDAdversarialTraining(
+        _linear(w), attack=PGD(eps=eps, step_size=eps, steps=1, random_start=None))
+    model.compile(optimizer=keras.optimizers.SGD(lr))
+    logs = model.fit(x.reshape(3, 1, 3, 1), y, batch_size=3, epochs=1, verbose=0,
+                     shuffle=False).history
+    np.testing.assert_allclose(model.base_model.get_weights()[0], expected, atol=1e-6)
+    p = _softmax(x_adv @ w)[np.arange(3), y]
+    np.testing.assert_allclose(logs["loss"][0], -np.log(p).mean(), rtol=1e-5)
+
+
+def _build_small(initial=None, synchronized=True):
+    # BatchNorm in train mode normalises with the replica's own batch unless synchronized, so
+    # only synchronized BatchNorm can match one device exactly (PyTorch DataParallel, used by
+    # the papers' multi-GPU runs, also keeps per-device statistics).
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.BatchNormalization(synchronized=synchronized)(h)
+    base = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
+    if initial is not None:
+        base.set_weights(initial)
+    return base
+
+
+def _one_step_weights(strategy, initial, attack_training=False):
+    x = np.random.RandomState(0).rand(16, 8, 8, 1).astype("float32")
+    y = np.arange(16) % 10
+    with strategy.scope():
+        base = _build_small(initial)
+        model = PGDAdversarialTraining(
+            base, attack=PGD(eps=0.2, step_size=0.05, steps=3, random_start=None,
+                             training=attack_training))
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    logs = model.fit(ds, epochs=2, verbose=0).history
+    return [w.numpy() for w in base.weights], logs["loss"]
+
+
+@pytest.mark.parametrize("attack_training", [False, True])
+def test_two_replicas_match_one_device(attack_training):
+    """Two optimizer steps (momentum included) on two logical devices equal one device."""
+    keras.utils.set_random_seed(3)
+    initial = _build_small().get_weights()
+    one, loss_one = _one_step_weights(tf.distribute.OneDeviceStrategy("/cpu:0"), initial,
+                                      attack_training)
+    two, loss_two = _one_step_weights(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                                      initial, attack_training)
+    assert len(one) == len(two)
+    assert not np.allclose(one[0], initial[0])  # the weights did move
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The logged loss is the global mean, not the per-replica share.
+    np.testing.assert_allclose(loss_one, loss_two, rtol=1e-5)
+
+
+def test_save_writes_the_base_model_only(tmp_path):
+    base = models.digits_cnn()
+    model = PGDAdversarialTraining(base, attack=PGD(eps=0.1, step_size=0.05, steps=2))
+    model.compile(optimizer="adam")
+    path = str(tmp_path / "robust.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.name == base.name
+    assert len(loaded.weights) == len(base.weights)
+    x = np.random.rand(4, 8, 8, 1).astype("float32")
+    np.testing.assert_allclose(loaded(x), base(x), atol=1e-6)
+
+
+def test_docstring_example_runs(tmp_path, monkeypatch):
+    doc = PGDAdversarialTraining.__doc__
+    code = doc[doc.index("Example (runs as is)::") + len("Example (runs as is)::"):
+               doc.index("Args:")]
+    code = "\n".join(line[8:] for line in code.splitlines())
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "docstring", "exec"), namespace)
+    result = namespace["model"].evaluate(namespace["x"], namespace["y"], return_dict=True,
+                                         verbose=0)
+    assert set(result) == {"loss", "accuracy", "robust_accuracy"}
+    assert result["robust_accuracy"] <= result["accuracy"] + 1e-6
+    assert (tmp_path / "robust.keras").exists()
+
+
+def test_standard_training_reports_robust_accuracy(digits):
+    model = StandardTraining(models.digits_cnn(),
+                             eval_attack=PGD(eps=0.3, step_size=0.05, steps=10))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(digits.train, epochs=3, verbose=0)
+    result = model.evaluate(digits.test, return_dict=True, verbose=0)
+    assert result["accuracy"] > 0.8
+    assert result["robust_accuracy"] < result["accuracy"]
+
+
+@pytest.mark.parametrize("images, labels, needle", [
+    (np.full((4, 8, 8, 1), 2.0, "float32"), np.zeros(4, "int64"), "images must lie in [0, 1]"),
+    (np.zeros((4, 8, 8, 3), "float32"), np.zeros(4, "int64"), "images must have shape"),
+    (np.zeros((4, 8, 8, 1), "float32"), np.array([0, 1, 10, 2]), "labels must lie in [0, 10)"),
+    (np.zeros((4, 8, 8, 1), "float32"), np.array([0, 1, -1, 2]), "labels must lie in [0, 10)"),
+])
+def test_fit_rejects_bad_arrays_before_training(images, labels, needle):
+    base = models.digits_cnn()
+    before = [w.copy() for w in base.get_weights()]
+    model = PGDAdversarialTraining(base, attack=PGD(eps=0.1, step_size=0.05, steps=2))
+    model.compile(optimizer="adam")
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        model.fit(images, labels, epochs=1, verbose=0)
+    for a, b in zip(before, base.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compile_rejects_a_loss():
+    model = PGDAdversarialTraining(models.digits_cnn())
+    with pytest.raises(ValueError, match="defines its own training loss"):
+        model.compile(optimizer="adam", loss="mse")

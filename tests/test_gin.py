@@ -1,0 +1,67 @@
+"""Every shipped gin file parses and builds its objects; gin errors name the file and line."""
+
+import glob
+import os
+import re
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tfadv import config
+from tfadv import train as train_lib
+from tfadv.defenses import Defense
+
+GIN_FILES = sorted(os.path.relpath(p, config.GIN_DIR)
+                   for p in glob.glob(os.path.join(config.GIN_DIR, "**", "*.gin"), recursive=True))
+FRAGMENT_DIRS = ("datasets", "models")  # include-only pieces, built on top of pgd_at.gin
+TINY = ["train.epochs = 1", "wide_resnet.depth = 10", "wide_resnet.width = 1"]
+CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b")
+
+
+def test_there_are_gin_files():
+    assert {"pgd_at.gin", "standard.gin", "paper/madry_cifar10.gin"} <= set(GIN_FILES)
+
+
+@pytest.mark.parametrize("name", GIN_FILES)
+def test_gin_file_parses_and_builds(name):
+    files = ["pgd_at.gin", name] if name.split("/")[0] in FRAGMENT_DIRS else [name]
+    config.parse(files, TINY)
+    with tfds.testing.mock_data(num_examples=8):
+        built = train_lib.train("/nonexistent-model-dir", dry_run=True)
+        x, y = next(iter(built["data"].test))
+    defense = built["defense"]
+    assert isinstance(defense, Defense)
+    assert not os.path.exists("/nonexistent-model-dir")
+    base = defense.base_model
+    assert tuple(base.input_shape[1:]) == built["data"].image_shape
+    assert base.output_shape[-1] == built["data"].num_classes
+    for attack in [defense.attack, defense.eval_attack, *built["eval_attacks"].values()]:
+        if attack is None:
+            continue
+        x_adv = attack(base, x[:2], y[:2]).numpy()
+        assert x_adv.shape == tuple(x[:2].shape)
+        assert np.abs(x_adv - x[:2].numpy()).max() <= attack.eps + 1e-6
+
+
+@pytest.mark.parametrize("name", [n for n in GIN_FILES if n.split("/")[0] not in FRAGMENT_DIRS])
+def test_method_gin_files_cite_their_paper(name):
+    with open(os.path.join(config.GIN_DIR, name)) as f:
+        header = "".join(line for line in f if line.startswith("#"))
+    assert CITATION.search(header), f"{name} does not cite a paper in its header"
+
+
+def test_unknown_parameter_names_file_and_line(tmp_path):
+    path = tmp_path / "typo.gin"
+    path.write_text("include 'pgd_at.gin'\ntrain.epochs = 2\nPGD.epsilon = 0.3\n")
+    with pytest.raises(ValueError) as err:
+        config.parse([str(path)])
+    message = str(err.value)
+    assert "epsilon" in message and "typo.gin" in message and "line 3" in message
+
+
+def test_bare_names_resolve_in_gin_dir_and_missing_ones_list_the_choices():
+    assert config.resolve_gin_file("pgd_at.gin") == os.path.join(config.GIN_DIR, "pgd_at.gin")
+    assert config.resolve_gin_file("pgd_at") == os.path.join(config.GIN_DIR, "pgd_at.gin")
+    with pytest.raises(FileNotFoundError, match="available: .*pgd_at.gin"):
+        config.resolve_gin_file("no_such_defense.gin")

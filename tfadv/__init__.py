@@ -1,0 +1,13 @@
+"""tfadv: adversarially robust image classifiers in TensorFlow / Keras 3.
+
+Modules, one concept each:
+
+- `tfadv.data`: the one input pipeline (digits bundled with scikit-learn, TFDS datasets).
+- `tfadv.models`: model builders; input normalization lives inside every model.
+- `tfadv.attacks`: the one PGD loop (FGSM is its one-step case) and the one projection.
+- `tfadv.defenses`: defenses as `keras.Model` subclasses overriding `train_step`.
+- `tfadv.evaluation`: clean and robust accuracy of a classifier on a dataset.
+- `tfadv.train`: the gin-configurable training driver behind `bin/train`.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Per-example attack objectives.
+
+An attack objective is any callable ``loss_fn(targets, logits) -> per-example loss`` of shape
+``(batch,)``. The attack ascends the sum of it. ``targets`` is whatever the objective compares the
+logits with: integer class labels for cross-entropy, clean-input probabilities for the TRADES KL.
+"""
+
+import tensorflow as tf
+
+
+def cross_entropy(labels, logits):
+    """Softmax cross-entropy with integer labels, one value per example.
+
+    ``-log softmax(logits)[y]``, computed in float32 whatever the logits' dtype.
+    """
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+
+def cw_margin(labels, logits, confidence=0.0):
+    """Carlini-Wagner margin: ``max_{j != y} z_j - z_y``, clipped below at ``-confidence``.
+
+    Positive exactly when the example is misclassified.
+    """
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    num_classes = tf.shape(logits)[-1]
+    onehot = tf.one_hot(labels, num_classes, dtype=logits.dtype)
+    true_logit = tf.reduce_sum(onehot * logits, axis=-1)
+    other_logit = tf.reduce_max(logits - onehot * 1e9, axis=-1)
+    return tf.maximum(other_logit - true_logit, -confidence)
+
+
+LOSSES = {"cross_entropy": cross_entropy, "cw_margin": cw_margin}
+
+
+def get_loss(loss_fn):
+    """Returns ``loss_fn`` itself if callable, else the named built-in objective."""
+    if callable(loss_fn):
+        return loss_fn
+    if loss_fn not in LOSSES:
+        raise ValueError(
+            f"loss_fn must be a callable or one of {sorted(LOSSES)}; got {loss_fn!r}."
+        )
+    return LOSSES[loss_fn]

@@ -1,0 +1,62 @@
+"""gin plumbing: external configurables, config-file search path and parsing.
+
+Keras 3 optimizers are not registered with gin; they are registered here once, under the module
+``keras.optimizers`` (so gin files say ``@keras.optimizers.SGD``).
+"""
+
+import os
+
+import gin
+import keras
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+for _cls in (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW):
+    try:
+        gin.external_configurable(_cls, module="keras.optimizers")
+    except ValueError:  # already registered (module imported twice under another name)
+        pass
+
+
+_SEARCH_PATH_ADDED = False
+
+
+def _import_configurables():
+    # Importing registers every @gin.configurable of the library.
+    import tfadv.attacks  # noqa: F401
+    import tfadv.data  # noqa: F401
+    import tfadv.defenses  # noqa: F401
+    import tfadv.distribute  # noqa: F401
+    import tfadv.evaluation  # noqa: F401
+    import tfadv.models  # noqa: F401
+    import tfadv.schedules  # noqa: F401
+    import tfadv.train  # noqa: F401
+
+
+def resolve_gin_file(name):
+    """A path as given if it exists, else the file of that name in `GIN_DIR`."""
+    if os.path.exists(name):
+        return name
+    candidate = os.path.join(GIN_DIR, name)
+    if os.path.exists(candidate):
+        return candidate
+    if not name.endswith(".gin") and os.path.exists(candidate + ".gin"):
+        return candidate + ".gin"
+    available = sorted(f for f in os.listdir(GIN_DIR) if f.endswith(".gin"))
+    raise FileNotFoundError(f"gin file {name!r} not found as a path or in {GIN_DIR}; "
+                            f"available: {', '.join(available)}.")
+
+
+def parse(gin_files=(), bindings=(), finalize=True):
+    """Clears gin, then parses ``gin_files`` (bare names resolve in `GIN_DIR`) and
+    ``bindings``. Unknown parameters raise, naming the file and line."""
+    _import_configurables()
+    gin.clear_config()
+    global _SEARCH_PATH_ADDED
+    if not _SEARCH_PATH_ADDED:  # so that `include 'datasets/digits.gin'` resolves in GIN_DIR
+        gin.add_config_file_search_path(GIN_DIR)
+        _SEARCH_PATH_ADDED = True
+    files = [resolve_gin_file(f) for f in gin_files]
+    gin.parse_config_files_and_bindings(files, list(bindings), skip_unknown=False,
+                                        finalize_config=finalize)
+    return files

@@ -1,0 +1,48 @@
+"""Learning-rate schedules expressed in epochs, as the papers state them.
+
+The driver knows the number of steps per epoch only once the data is loaded, so a schedule here is
+a factory: ``schedule(steps_per_epoch)`` returns a Keras `LearningRateSchedule` evaluated per
+iteration (fractional epochs, as in Rice et al.'s code).
+"""
+
+import gin
+import keras
+
+
+@gin.configurable
+class PiecewiseConstant:
+    """Piecewise-constant learning rate: ``values[i]`` until epoch ``boundaries[i]``.
+
+    E.g. Madry CIFAR-10: ``boundaries=[102, 154], values=[0.1, 0.01, 0.001]``.
+    """
+
+    def __init__(self, boundaries=(), values=(0.1,)):
+        boundaries, values = list(boundaries), list(values)
+        if len(values) != len(boundaries) + 1:
+            raise ValueError(f"values must have len(boundaries) + 1 = {len(boundaries) + 1} "
+                             f"entries; got {len(values)}.")
+        if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
+            raise ValueError(f"boundaries must be increasing epochs > 0; got {boundaries}.")
+        if any(v <= 0 for v in values):
+            raise ValueError(f"values (learning rates) must be > 0; got {values}.")
+        self.boundaries, self.values = boundaries, values
+
+    def __call__(self, steps_per_epoch):
+        if not self.boundaries:
+            return float(self.values[0])
+        steps = [int(round(b * steps_per_epoch)) for b in self.boundaries]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(steps, self.values)
+
+
+@gin.configurable
+class Cosine:
+    """Cosine decay from ``initial`` to ``initial * alpha`` over ``epochs`` epochs."""
+
+    def __init__(self, initial=0.1, epochs=1, alpha=0.0):
+        if initial <= 0 or epochs <= 0:
+            raise ValueError(f"initial and epochs must be > 0; got {initial}, {epochs}.")
+        self.initial, self.epochs, self.alpha = initial, epochs, alpha
+
+    def __call__(self, steps_per_epoch):
+        return keras.optimizers.schedules.CosineDecay(
+            self.initial, int(self.epochs * steps_per_epoch), alpha=self.alpha)

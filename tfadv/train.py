@@ -1,0 +1,146 @@
+"""The training driver behind `bin/train`: data, model, defense, fit, checkpoints, report.
+
+Everything is configured by gin (see `gin/`); `train` itself holds no method-specific logic. A run
+writes to ``model_dir``:
+
+- ``config.gin``: the operative gin configuration (also in TensorBoard as text);
+- ``tensorboard/``: per-epoch loss, accuracies (train: adversarial; validation: clean and
+  robust) and learning rate;
+- ``checkpoints/``: one checkpoint per epoch; running the same command again resumes after the
+  last finished epoch;
+- ``model.keras``: the trained base classifier (the defense wrapper is not saved);
+- ``report.json``: clean and robust test accuracy per attack, also printed as a table.
+"""
+
+import json
+import math
+import os
+import time
+
+import gin
+import keras
+import tensorflow as tf
+
+from tfadv import checkpoint as ckpt
+from tfadv import data as data_lib
+from tfadv import distribute
+from tfadv import evaluation
+from tfadv import models
+from tfadv.defenses import PGDAdversarialTraining
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+
+
+def _write_config_summary(log_dir, config_text):
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "config"))
+    with writer.as_default():
+        # Markdown code block so TensorBoard's text plugin keeps the layout.
+        tf.summary.text("gin/operative_config", "```\n" + config_text + "\n```", step=0)
+    writer.close()
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimizer=None,
+          learning_rate=1e-3, epochs=30, eval_attacks=None, strategy="mirrored", seed=0,
+          jit_compile=False, verbose=1, dry_run=False):
+    """Trains ``defense(base_model)`` and writes the artifacts listed in the module docstring.
+
+    Args:
+      model_dir: output directory (created; reused to resume).
+      defense: a `tfadv.defenses.Defense` subclass, called as ``defense(base_model)``; gin fills
+        in its other arguments (attacks, hyperparameters).
+      model: a `tfadv.models.MODELS` name or a builder ``f(input_shape, num_classes)``.
+      optimizer: a Keras optimizer class (gin: ``@keras.optimizers.SGD``), called with
+        ``learning_rate``; default Adam.
+      learning_rate: a float, or an epoch schedule from `tfadv.schedules` (gin:
+        ``@PiecewiseConstant()``).
+      epochs: total number of epochs (integer >= 1).
+      eval_attacks: dict ``name -> attack`` for the final test report.
+      strategy: name for `tfadv.distribute.get_strategy` (devices configurable there).
+      seed: seeds Python, NumPy and TensorFlow (`keras.utils.set_random_seed`).
+      jit_compile: XLA for the train step, explicit (Keras' "auto" differs by strategy).
+      verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
+      dry_run: build data, model, defense and attacks, then return them without training or
+        writing anything (checks a configuration in seconds before a long run).
+
+    Returns:
+      the report dict (also written to ``model_dir/report.json``); with ``dry_run`` a dict of
+      the built objects (``data``, ``defense``, ``eval_attacks``).
+    """
+    _check_positive_int("epochs", epochs)
+    if not (isinstance(defense, type) and issubclass(defense, keras.Model)):
+        raise ValueError(f"defense must be a tfadv.defenses.Defense class; got {defense!r}.")
+    if isinstance(model, str) and model not in models.MODELS:
+        raise ValueError(f"model must be one of {sorted(models.MODELS)}; got {model!r}.")
+    if isinstance(learning_rate, (int, float)) and learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0; got {learning_rate}.")
+    keras.utils.set_random_seed(seed)
+
+    data = data_lib.load_dataset()
+    steps_per_epoch = math.ceil(data.sizes["train"] / data.batch_size)
+    strat = distribute.get_strategy(strategy)
+    print(f"tfadv: {data.name} {data.sizes}, image shape {data.image_shape}, "
+          f"{strat.num_replicas_in_sync} replica(s), {steps_per_epoch} steps/epoch")
+
+    with strat.scope():
+        build = models.MODELS[model] if isinstance(model, str) else model
+        base_model = build(input_shape=data.image_shape, num_classes=data.num_classes)
+        evaluation.check_logits_model(base_model, data.image_shape)
+        wrapped = defense(base_model)
+        lr = learning_rate(steps_per_epoch) if callable(learning_rate) else learning_rate
+        opt = (optimizer or keras.optimizers.Adam)(learning_rate=lr)
+        wrapped.compile(optimizer=opt, jit_compile=jit_compile)
+        wrapped.build((None, *data.image_shape))
+        opt.build(base_model.trainable_variables)
+    if dry_run:
+        return {"data": data, "defense": wrapped, "eval_attacks": dict(eval_attacks or {})}
+
+    os.makedirs(model_dir, exist_ok=True)
+
+    saver = ckpt.EpochCheckpoint(os.path.join(model_dir, "checkpoints"), base_model, opt)
+    initial_epoch = saver.restore()
+    if initial_epoch:
+        print(f"tfadv: resuming from the checkpoint after epoch {initial_epoch}")
+
+    config_text = gin.operative_config_str()
+    ckpt.atomic_write_text(os.path.join(model_dir, "config.gin"), config_text)
+    log_dir = os.path.join(model_dir, "tensorboard")
+    _write_config_summary(log_dir, config_text)
+
+    start = time.perf_counter()
+    history = {}
+    if initial_epoch < epochs:
+        callbacks = [saver, keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
+        fit = wrapped.fit(data.train, validation_data=data.validation, epochs=epochs,
+                          initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+        history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+    train_seconds = time.perf_counter() - start
+
+    ckpt.atomic_save_model(base_model, os.path.join(model_dir, "model.keras"))
+    # The operative config is complete only once every configurable has been called.
+    config_text = gin.operative_config_str()
+    ckpt.atomic_write_text(os.path.join(model_dir, "config.gin"), config_text)
+
+    result = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
+                                 verbose=1 if verbose else 0)
+    report = {
+        "dataset": data.name,
+        "split": "test",
+        "defense": defense.__name__,
+        "model": base_model.name,
+        "epochs": epochs,
+        "resumed_from_epoch": initial_epoch,
+        "train_seconds": round(train_seconds, 1),
+        **result,
+        "attacks": {name: repr(a) for name, a in (eval_attacks or {}).items()},
+        "history": history,
+    }
+    ckpt.atomic_write_text(os.path.join(model_dir, "report.json"),
+                           json.dumps(report, indent=2) + "\n")
+    print(evaluation.format_table(result))
+    print(f"tfadv: wrote {os.path.join(model_dir, 'report.json')}")
+    return report
+
