@@ -18,6 +18,13 @@ tf.config.set_logical_device_configuration(
 
 
 @pytest.fixture(scope="session")
+def two_replicas():
+    """One MirroredStrategy over the two logical CPUs for the whole session (separate instances
+    in one process can reuse collective keys and then fail with mismatched shapes)."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
 def digits():
     from tfadv import data
 

@@ -74,21 +74,43 @@ def _one_step_weights(strategy, initial, attack_training=False):
     return [w.numpy() for w in base.weights], logs["loss"]
 
 
-@pytest.mark.parametrize("attack_training", [False, True])
-def test_two_replicas_match_one_device(attack_training):
+def test_two_replicas_match_one_device(two_replicas, attack_training=False):
     """Two optimizer steps (momentum included) on two logical devices equal one device."""
     keras.utils.set_random_seed(3)
     initial = _build_small().get_weights()
     one, loss_one = _one_step_weights(tf.distribute.OneDeviceStrategy("/cpu:0"), initial,
                                       attack_training)
-    two, loss_two = _one_step_weights(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
-                                      initial, attack_training)
+    two, loss_two = _one_step_weights(two_replicas, initial, attack_training)
     assert len(one) == len(two)
     assert not np.allclose(one[0], initial[0])  # the weights did move
     for a, b in zip(one, two):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # The logged loss is the global mean, not the per-replica share.
     np.testing.assert_allclose(loss_one, loss_two, rtol=1e-5)
+
+
+def test_train_mode_attack_runs_on_two_replicas_with_per_replica_batchnorm(two_replicas):
+    keras.utils.set_random_seed(3)
+    initial = _build_small(synchronized=False).get_weights()
+    strategy = two_replicas
+    x = np.random.RandomState(0).rand(16, 8, 8, 1).astype("float32")
+    y = np.arange(16) % 10
+    with strategy.scope():
+        base = _build_small(initial, synchronized=False)
+        model = PGDAdversarialTraining(
+            base, attack=PGD(eps=0.2, step_size=0.05, steps=3, training=True))
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+    loss = model.fit(x, y, batch_size=16, epochs=1, verbose=0).history["loss"][0]
+    assert np.isfinite(loss)
+    bn = [l for l in base.layers if isinstance(l, keras.layers.BatchNormalization)][0]
+    assert not np.allclose(bn.moving_mean.numpy(), 0.0)  # the train-mode attack updated it
+    # Synchronized BatchNorm cannot all-reduce inside the attack loop: a clear error instead.
+    with strategy.scope():
+        synced = PGDAdversarialTraining(
+            _build_small(initial), attack=PGD(eps=0.2, step_size=0.05, steps=3, training=True))
+        synced.compile(optimizer=keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="synchronized BatchNorm"):
+        synced.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
 def test_save_writes_the_base_model_only(tmp_path):

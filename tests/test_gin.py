@@ -15,6 +15,11 @@ from tfadv.defenses import Defense
 GIN_FILES = sorted(os.path.relpath(p, config.GIN_DIR)
                    for p in glob.glob(os.path.join(config.GIN_DIR, "**", "*.gin"), recursive=True))
 FRAGMENT_DIRS = ("datasets", "models")  # include-only pieces, built on top of pgd_at.gin
+MODEL_DATA = {"models/madry_mnist_cnn.gin": "datasets/mnist.gin",
+              "models/small_cnn.gin": "datasets/mnist.gin",
+              "models/preact_resnet18.gin": "datasets/cifar10.gin",
+              "models/wrn34_10.gin": "datasets/cifar10.gin",
+              "models/wrn28_10.gin": "datasets/cifar10.gin"}
 TINY = ["train.epochs = 1", "wide_resnet.depth = 10", "wide_resnet.width = 1"]
 CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b")
 
@@ -25,7 +30,9 @@ def test_there_are_gin_files():
 
 @pytest.mark.parametrize("name", GIN_FILES)
 def test_gin_file_parses_and_builds(name):
-    files = ["pgd_at.gin", name] if name.split("/")[0] in FRAGMENT_DIRS else [name]
+    files = [name]
+    if name.split("/")[0] in FRAGMENT_DIRS:
+        files = ["pgd_at.gin", MODEL_DATA.get(name, "datasets/digits.gin"), name]
     config.parse(files, TINY)
     with tfds.testing.mock_data(num_examples=8):
         built = train_lib.train("/nonexistent-model-dir", dry_run=True)

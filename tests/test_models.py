@@ -60,6 +60,7 @@ def test_weight_decay_uses_the_pytorch_convention():
     (lambda: models.digits_cnn(num_classes=1), "num_classes must be >= 2"),
     (lambda: models.digits_cnn(input_shape=(8, 8)), "input_shape must be"),
     (lambda: models.digits_cnn(std=0.0), "std must be > 0"),
+    (lambda: models.small_cnn(input_shape=(8, 8, 1)), "small_cnn needs images of at least"),
 ])
 def test_bad_arguments(call, needle):
     with pytest.raises(ValueError, match=needle):

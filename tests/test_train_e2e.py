@@ -76,8 +76,10 @@ def test_train_writes_report_model_config_and_tensorboard(tmp_path):
         assert len(val[tag]) == 2, tag
     assert all(v == pytest.approx(1e-3) for _, v in train["epoch_learning_rate"])
     config_events = _scalars(model_dir / "tensorboard" / "config")
-    text = tf.make_ndarray(config_events["gin/operative_config/text_summary"][0][1].tensor)
-    assert b"PGDAdversarialTraining" in text.tobytes() if hasattr(text, "tobytes") else text
+    (step, value), = config_events["gin/operative_config"]
+    assert value.metadata.plugin_data.plugin_name == "text"
+    text = tf.make_ndarray(value.tensor).item().decode()
+    assert "PGDAdversarialTraining.attack = @train_attack/PGD()" in text
 
 
 def test_resume_after_kill_continues_from_last_finished_epoch(tmp_path):

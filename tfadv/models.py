@@ -95,6 +95,9 @@ def small_cnn(input_shape=(28, 28, 1), num_classes=10, mean=0.0, std=1.0, weight
               dropout=0.5):
     """TRADES' SmallCNN (TRADES/models/small_cnn.py): valid 3x3 convs, zero-initialised head."""
     input_shape, num_classes = _check_io(input_shape, num_classes)
+    if min(input_shape[:2]) < 16:
+        raise ValueError(f"small_cnn needs images of at least 16x16 (four valid 3x3 convs and "
+                         f"two pools); got input_shape {input_shape}.")
     reg = _regularizer(weight_decay)
     inputs = keras.Input(input_shape, name="images")
     x = _normalize(inputs, mean, std)

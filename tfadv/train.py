@@ -115,7 +115,8 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     if initial_epoch < epochs:
         callbacks = [saver, keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
         fit = wrapped.fit(data.train, validation_data=data.validation, epochs=epochs,
-                          initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+                          initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+                          shuffle=False)  # the pipeline shuffles
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     train_seconds = time.perf_counter() - start
 

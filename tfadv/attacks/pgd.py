@@ -154,6 +154,12 @@ class PGD:
 
     def _attack(self, model, x, targets):
         self.trace_count += 1
+        if self.training and tf.distribute.get_strategy().num_replicas_in_sync > 1 and any(
+                getattr(layer, "synchronized", False) for layer in model._flatten_layers()):
+            raise ValueError(
+                "PGD(training=True) cannot run a model with synchronized BatchNorm on more than "
+                "one replica: its cross-replica all-reduce cannot sit inside the attack's while "
+                "loop. Use training=False (eval-mode BatchNorm) or per-replica BatchNorm.")
         x = tf.cast(x, tf.float32)
 
         def step(i, x_adv):
