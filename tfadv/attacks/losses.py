@@ -32,7 +32,44 @@ def cw_margin(labels, logits, confidence=0.0):
     return tf.maximum(other_logit - true_logit, -confidence)
 
 
-LOSSES = {"cross_entropy": cross_entropy, "cw_margin": cw_margin}
+def _sorted_logits(logits):
+    return tf.sort(tf.cast(logits, tf.float32), axis=-1, direction="DESCENDING")
+
+
+def dlr(labels, logits):
+    """Difference of logits ratio (Croce & Hein 2020, eq. 6), untargeted, one value per example:
+
+        DLR(z, y) = -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)
+
+    where z_pi1 >= z_pi2 >= ... are the sorted logits. Invariant to shifting and rescaling the
+    logits, so a model cannot look robust by saturating its softmax. Needs >= 3 classes.
+    """
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    ranked = _sorted_logits(logits)
+    onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+    true_logit = tf.reduce_sum(onehot * logits, axis=-1)
+    other = tf.reduce_max(logits - onehot * 1e9, axis=-1)
+    return -(true_logit - other) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
+
+
+def dlr_targeted(labels, logits, target_labels):
+    """Targeted DLR (Croce & Hein 2020, eq. 7):
+
+        -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+
+    with ``target_labels`` = t. Needs >= 4 classes.
+    """
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    ranked = _sorted_logits(logits)
+    true_logit = tf.gather(logits, labels, axis=1, batch_dims=1)
+    target_logit = tf.gather(logits, tf.cast(target_labels, tf.int32), axis=1, batch_dims=1)
+    scale = ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + 1e-12
+    return -(true_logit - target_logit) / scale
+
+
+LOSSES = {"cross_entropy": cross_entropy, "cw_margin": cw_margin, "dlr": dlr}
 
 
 def get_loss(loss_fn):

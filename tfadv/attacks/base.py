@@ -1,0 +1,83 @@
+"""What every attack shares: argument checks and the compiled call.
+
+An attack is called as ``attack(model, x, labels)`` with images ``x`` in [clip_min, clip_max]
+and the TRUE labels, and returns float32 adversarial images of the same shape, inside the
+attack's threat model (its eps-ball intersected with the image box), with no gradient attached.
+Where the attack fails on an example it may return any point of the threat model for it.
+
+Subclasses implement ``_attack(model, x, labels)`` in graph-compatible TensorFlow. `Attack.__call__`
+compiles it once per (model, input signature) as a `tf.function` whose batch dimension is
+``None``, so batches of any size reuse one trace; when already inside a traced function (a
+``train_step``, a strategy replica function) it inlines the graph instead, so each replica runs it
+on its own device. ``trace_count`` counts traces, for tests and benchmarks.
+
+Randomness is deterministic for a given ``seed``: subclasses draw with `tf.random.stateless_*`
+ops seeded by `Attack.seed_tensor`, so the same inputs and seed give the same output.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+
+def check_number(name, value, low, *, strict, integer=False, high=None):
+    """Raises ValueError naming ``name`` and the allowed range unless ``value`` is in it."""
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
+        value, bool)
+    too_low = ok_type and (value <= low if strict else value < low)
+    too_high = ok_type and high is not None and value > high
+    if not ok_type or too_low or too_high:
+        kind = "an integer" if integer else "a number"
+        bound = f"> {low}" if strict else f">= {low}"
+        if high is not None:
+            bound += f" and <= {high}"
+        raise ValueError(f"{name} must be {kind} {bound}; got {value!r}.")
+
+
+class Attack:
+    """Base class: compiled call, trace counting, seeded randomness (see module docstring)."""
+
+    def __init__(self, clip_min=0.0, clip_max=1.0, seed=0):
+        if not clip_min < clip_max:
+            raise ValueError(f"clip_min must be < clip_max; got {clip_min} and {clip_max}.")
+        if seed is not None:
+            check_number("seed", seed, 0, strict=False, integer=True)
+        self.clip_min = float(clip_min)
+        self.clip_max = float(clip_max)
+        self.seed = seed
+        self.trace_count = 0
+        self._functions = {}
+
+    def __call__(self, model, x, labels):
+        x = tf.convert_to_tensor(x)
+        labels = tf.convert_to_tensor(labels)
+        if tf.inside_function():
+            return self._traced(model, x, labels)
+        key = (id(model), tuple(x.shape[1:]), x.dtype, labels.dtype, tuple(labels.shape[1:]))
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = tf.function(
+                lambda x_, y_: self._traced(model, x_, y_),
+                input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype),
+                                 tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)])
+            self._functions[key] = fn
+        return fn(x, labels)
+
+    def _traced(self, model, x, labels):
+        self.trace_count += 1
+        x_adv = self._attack(model, tf.cast(x, tf.float32), labels)
+        return tf.stop_gradient(x_adv)
+
+    def _attack(self, model, x, labels):
+        raise NotImplementedError
+
+    def seed_tensor(self, *salt):
+        """A stateless-op seed (shape [2], int32) from ``seed`` and integer/tensor ``salt``.
+
+        With ``seed=None`` a fresh random seed is drawn on each call (non-deterministic)."""
+        if self.seed is None:
+            return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+        mix = tf.constant(self.seed, tf.int32)
+        for s in salt:
+            mix = mix * 1000003 + tf.cast(s, tf.int32)
+        return tf.stack([tf.constant(self.seed, tf.int32), mix])
