@@ -122,8 +122,13 @@ def test_loss_ordering_on_trained_model(trained_digits_model, digits):
 
 def test_cw_margin_closed_form():
     logits = tf.constant([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
-    np.testing.assert_allclose(cw_margin([0, 0], logits).numpy(), [0.0, 3.0])
-    np.testing.assert_allclose(cw_margin([0, 0], logits, confidence=5.0).numpy(), [-1.0, 3.0])
+    np.testing.assert_allclose(cw_margin([0, 0], logits).numpy(), [-1.0, 3.0])
+    np.testing.assert_allclose(cw_margin([0, 0], logits, confidence=2.0).numpy(), [-1.0, 2.0])
+    # The gradient is alive for correctly classified examples (the attacker's starting point).
+    z = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(cw_margin([0, 0], z))
+    np.testing.assert_allclose(tape.gradient(value, z).numpy()[0], [-1.0, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -139,3 +144,55 @@ def test_cw_margin_closed_form():
 def test_bad_arguments_raise_clear_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         PGD(**kwargs)
+
+
+def test_dlr_losses_match_their_formulas():
+    from tfadv.attacks import dlr, dlr_targeted
+
+    logits = np.array([[4.0, 1.0, 3.0, -2.0], [0.5, 2.0, -1.0, 1.5]], "float32")
+    y = np.array([0, 0])
+    # sorted: [4, 3, 1, -2] and [2, 1.5, 0.5, -1]
+    expected = [-(4.0 - 3.0) / (4.0 - 1.0), -(0.5 - 2.0) / (2.0 - 0.5)]
+    np.testing.assert_allclose(dlr(y, logits).numpy(), expected, rtol=1e-6)
+    t = np.array([2, 3])
+    expected_t = [-(4.0 - 3.0) / (4.0 - 0.5 * (1.0 - 2.0)), -(0.5 - 1.5) / (2.0 - 0.5 * (0.5 - 1.0))]
+    np.testing.assert_allclose(dlr_targeted(y, logits, t).numpy(), expected_t, rtol=1e-6)
+    # Invariant to shift and positive scale of the logits.
+    np.testing.assert_allclose(dlr(y, 1000.0 * logits + 7.0).numpy(), expected, rtol=1e-4)
+
+
+def test_misclassified_selection_counts_every_iterate_and_restart():
+    """A model that is fooled only at intermediate iterates: 'last' misses it, 'misclassified'
+    keeps it. The logit of class 1 peaks where x is 0.15 above the clean point and the ascent
+    overshoots it (step 0.2 with eps 0.3)."""
+    inputs = keras.Input((1, 1, 1))
+    flat = keras.layers.Flatten()(inputs)
+    logits = keras.layers.Lambda(
+        lambda t: tf.concat([tf.zeros_like(t) + 1.5, 2.0 - 40.0 * tf.square(t - 0.65)], -1))(flat)
+    model = keras.Model(inputs, logits)
+    x = np.full((1, 1, 1, 1), 0.5, "float32")
+    y = np.array([0])
+    # CE on class 0 grows with the bump logit: the ascent climbs towards 0.65, then sign steps
+    # oscillate around it; iterates are 0.5 -> 0.7 -> 0.5 ... with step 0.2.
+    last = PGD(eps=0.3, step_size=0.2, steps=2, random_start=None)(model, x, y).numpy()
+    kept = PGD(eps=0.3, step_size=0.2, steps=2, random_start=None,
+               select="misclassified")(model, x, y).numpy()
+    assert np.argmax(model(last), -1)[0] == 0      # the final iterate is back at 0.5: robust
+    assert np.argmax(model(kept), -1)[0] == 1      # an intermediate iterate fooled the model
+    assert abs(float(kept.ravel()[0]) - 0.7) < 1e-6
+
+
+def test_restarts_are_seeded_and_never_weaker(trained_digits_model, digits):
+    x, y = dataset_arrays(digits.test)
+    model = trained_digits_model
+
+    def robust(attack):
+        return float(np.mean(np.argmax(model(attack(model, x, y)), -1) == y))
+
+    kwargs = dict(eps=0.1, step_size=0.02, steps=5, select="misclassified", seed=7)
+    one = PGD(restarts=1, **kwargs)
+    a, b = one(model, x, y).numpy(), one(model, x, y).numpy()
+    np.testing.assert_array_equal(a, b)  # deterministic for a seed
+    assert robust(PGD(restarts=3, **kwargs)) <= robust(one)
+    with pytest.raises(ValueError, match="select='last' keeps one run"):
+        PGD(restarts=2)

@@ -55,6 +55,11 @@ def test_train_writes_report_model_config_and_tensorboard(tmp_path):
     assert report["robust_accuracy"]["PGD-40"] <= report["clean_accuracy"]
     assert report["num_examples"] == 360 and report["epochs"] == 2
     assert "PGD-40" in proc.stdout and "clean" in proc.stdout  # the printed table
+    # The final report is tfadv.evaluation's: sanity checks, per-example results, plots.
+    assert {c["name"] for c in report["sanity_checks"]} >= {"deterministic", "gradients"}
+    evaluated = json.loads((model_dir / "eval.json").read_text())
+    assert len(evaluated["per_example"]["worst_case"]) == 360
+    assert (model_dir / "robustness_curve.png").exists() and (model_dir / "examples.png").exists()
 
     # The saved model is the base classifier and reproduces the reported clean accuracy.
     from tfadv import data

@@ -9,7 +9,9 @@ writes to ``model_dir``:
 - ``checkpoints/``: one checkpoint per epoch; running the same command again resumes after the
   last finished epoch;
 - ``model.keras``: the trained base classifier (the defense wrapper is not saved);
-- ``report.json``: clean and robust test accuracy per attack, also printed as a table.
+- ``report.json``: clean and robust test accuracy per attack, worst case, sanity checks and the
+  training history, also printed as a table; ``eval.json``, ``robustness_curve.png`` and
+  ``examples.png`` from `tfadv.evaluation.evaluate` (per-example results and plots).
 """
 
 import json
@@ -126,7 +128,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     ckpt.atomic_write_text(os.path.join(model_dir, "config.gin"), config_text)
 
     result = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
-                                 verbose=1 if verbose else 0)
+                                 output_dir=model_dir, verbose=1 if verbose else 0)
     report = {
         "dataset": data.name,
         "split": "test",
@@ -135,8 +137,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         "epochs": epochs,
         "resumed_from_epoch": initial_epoch,
         "train_seconds": round(train_seconds, 1),
-        **result,
-        "attacks": {name: repr(a) for name, a in (eval_attacks or {}).items()},
+        **{k: v for k, v in result.items() if k != "per_example"},
         "history": history,
     }
     ckpt.atomic_write_text(os.path.join(model_dir, "report.json"),

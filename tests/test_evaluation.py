@@ -1,0 +1,148 @@
+"""tfadv.evaluation and bin/evaluate: worst case, sanity checks that fire, artifacts, loading."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import matplotlib.image
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfadv import evaluation
+from tfadv.attacks import FGSM, PGD
+from tfadv.attacks.registry import build_attack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small_test(digits, n=96):
+    return digits.test.unbatch().take(n).batch(48)
+
+
+def _wrap(base, fn):
+    """A new model computing fn(base(x))."""
+    inputs = keras.Input(base.input_shape[1:])
+    return keras.Model(inputs, keras.layers.Lambda(fn)(base(inputs)))
+
+
+def test_worst_case_and_artifacts(trained_digits_model, digits, tmp_path):
+    attacks = {"fgsm": FGSM(eps=0.2), "pgd10": build_attack("pgd10", 0.2)}
+    result = evaluation.evaluate(trained_digits_model, _small_test(digits), attacks=attacks,
+                                 output_dir=str(tmp_path), verbose=0)
+    n = result["num_examples"]
+    assert n == 96
+    worst = np.array(result["per_example"]["worst_case"])
+    for name in attacks:
+        per = np.array(result["per_example"][name])
+        assert (worst <= per).all() and (per <= np.array(result["per_example"]["clean"])).all()
+        assert result["robust_accuracy"][name] == pytest.approx(per.mean())
+    assert result["worst_case_accuracy"] <= min(result["robust_accuracy"].values())
+    assert result["robust_accuracy"]["pgd10"] <= result["robust_accuracy"]["fgsm"] + 1 / n
+    assert {c["name"] for c in result["sanity_checks"]} == {
+        "deterministic", "gradients", "iterative_vs_single_step", "monotone_in_eps"}
+    assert all(c["passed"] for c in result["sanity_checks"]), result["sanity_checks"]
+    eps_values = [c["eps"] for c in result["robustness_curve"]]
+    assert eps_values[0] == 0 and eps_values[-1] == 1.0
+    assert result["robustness_curve"][0]["accuracy"] == pytest.approx(result["clean_accuracy"])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["robust_accuracy"] == result["robust_accuracy"]
+    for png in ("robustness_curve.png", "examples.png"):
+        image = matplotlib.image.imread(tmp_path / png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.01
+
+
+def test_probability_outputs_are_rejected(trained_digits_model, digits):
+    softmax_model = _wrap(trained_digits_model, tf.nn.softmax)
+    with pytest.raises(ValueError, match="outputs probabilities"):
+        evaluation.evaluate(softmax_model, _small_test(digits), attacks={}, verbose=0)
+
+
+def test_wrong_output_or_input_shape_is_rejected(digits):
+    inputs = keras.Input((8, 8, 1))
+    bad = keras.Model(inputs, keras.layers.Reshape((8, 8))(inputs))
+    with pytest.raises(ValueError, match=r"\(batch, num_classes\)"):
+        evaluation.evaluate(bad, _small_test(digits), verbose=0)
+    other = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="dataset images have shape"):
+        evaluation.evaluate(other, _small_test(digits), verbose=0)
+
+
+def test_saturated_softmax_fails_the_gradient_check(trained_digits_model, digits):
+    """Logits x 1e4: cross-entropy gradients underflow to zero, so CE attacks report robustness
+    that is not there. The check must say so."""
+    scaled = _wrap(trained_digits_model, lambda z: 1e4 * z)
+    result = evaluation.evaluate(scaled, _small_test(digits),
+                                 attacks={"fgsm": FGSM(eps=0.2)}, verbose=0)
+    check = {c["name"]: c for c in result["sanity_checks"]}["gradients"]
+    assert check["passed"] is False and "saturated softmax" in check["verdict"]
+    assert "WARNING" in evaluation.format_table(result)
+
+
+def test_randomised_model_fails_the_determinism_check(trained_digits_model, digits):
+    noisy = _wrap(trained_digits_model, lambda z: z + tf.random.normal(tf.shape(z)))
+    result = evaluation.evaluate(noisy, _small_test(digits), attacks={}, verbose=0)
+    check = {c["name"]: c for c in result["sanity_checks"]}["deterministic"]
+    assert check["passed"] is False and "EOT" in check["verdict"]
+
+
+def test_iterative_weaker_than_single_step_is_flagged(trained_digits_model, digits):
+    # A "PGD" with a uselessly small step is weaker than FGSM: the check must notice.
+    weak = PGD(eps=0.2, step_size=1e-5, steps=5, random_start=None)
+    result = evaluation.evaluate(trained_digits_model, _small_test(digits),
+                                 attacks={"fgsm": FGSM(eps=0.2), "weak": weak}, verbose=0)
+    check = {c["name"]: c for c in result["sanity_checks"]}["iterative_vs_single_step"]
+    assert check["passed"] is False
+
+
+@pytest.mark.parametrize("kind", ["model_dir", "keras", "saved_model"])
+def test_load_classifier_from_every_format(trained_digits_model, tmp_path, kind):
+    x = np.random.RandomState(0).rand(5, 8, 8, 1).astype("float32")
+    if kind == "model_dir":
+        trained_digits_model.save(tmp_path / "model.keras")
+        path = tmp_path
+    elif kind == "keras":
+        path = tmp_path / "m.keras"
+        trained_digits_model.save(path)
+    else:
+        path = tmp_path / "sm"
+        trained_digits_model.export(str(path), verbose=False)
+    loaded = evaluation.load_classifier(str(path))
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(trained_digits_model(x)),
+                               atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        evaluation.load_classifier(str(tmp_path / "missing"))
+
+
+def test_unknown_attack_name():
+    with pytest.raises(ValueError, match="unknown attack name 'pgd-fancy'"):
+        build_attack("pgd-fancy", 0.3)
+
+
+def _evaluate_cli(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "evaluate"), *args],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def test_bin_evaluate_end_to_end(trained_digits_model, tmp_path):
+    trained_digits_model.save(tmp_path / "model.keras")
+    proc = _evaluate_cli([f"--model={tmp_path}", "--attacks=fgsm,pgd10", "--eps=0.2",
+                          "--max_examples=64"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["num_examples"] == 64 and set(result["robust_accuracy"]) == {"fgsm", "pgd10"}
+    assert "worst case" in proc.stdout and "[PASS] gradients" in proc.stdout
+    assert (tmp_path / "eval" / "robustness_curve.png").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--eps=-1"], "--eps must be >= 0"),
+    (["--attacks=fgsm,boom"], "unknown attack name 'boom'"),
+])
+def test_bin_evaluate_rejects_bad_input(tmp_path, args, needle):
+    proc = _evaluate_cli([f"--model={tmp_path}", *args])
+    assert proc.returncode != 0 and needle in proc.stderr

@@ -1,0 +1,60 @@
+"""Attacks by name, for `bin/evaluate` and reports: ``build_attack('pgd20', eps=8/255)``.
+
+Names: ``fgsm``; ``pgdK`` (PGD with K steps, e.g. ``pgd20``: step 2.5 eps / K, uniform random
+start, an example robust only if every iterate is classified correctly); ``pgdK-cw`` (the same
+with the Carlini-Wagner margin loss); ``mim``; ``cw-l2`` (L2 only); ``apgd-ce``; ``apgd-dlr``;
+``apgd-t``; ``fab-t``; ``square``; ``autoattack``; ``autoattack-fast``.
+"""
+
+import re
+
+import numpy as np
+
+from tfadv.attacks.pgd import FGSM, PGD, parse_norm
+
+NAMES = ("fgsm", "pgdK", "pgdK-cw", "mim", "cw-l2", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
+         "square", "autoattack", "autoattack-fast")
+
+
+def build_attack(name, eps, norm="linf", seed=0):
+    """The attack called ``name`` (see module docstring) for the threat model (norm, eps)."""
+    key = name.strip().lower()
+    norm = parse_norm(norm)
+    match = re.fullmatch(r"pgd(\d+)(-cw)?", key)
+    if key == "fgsm":
+        return FGSM(eps=eps, norm=norm)
+    if match:
+        steps = int(match.group(1))
+        return PGD(eps=eps, step_size=max(2.5 * eps / steps, 1e-6), steps=steps, norm=norm,
+                   loss_fn="cw_margin" if match.group(2) else "cross_entropy",
+                   random_start="uniform", select="misclassified", seed=seed)
+    if key == "mim":
+        from tfadv.attacks.mim import MIM
+        return MIM(eps=eps, step_size=eps / 10, steps=10, norm=norm, seed=seed)
+    if key == "cw-l2":
+        if norm != 2:
+            raise ValueError("attack 'cw-l2' is an L2 attack: use norm 'l2'.")
+        from tfadv.attacks.cw import CarliniWagnerL2
+        return CarliniWagnerL2(eps=eps, seed=seed)
+    if key in ("apgd-ce", "apgd-dlr"):
+        from tfadv.attacks.apgd import APGD
+        return APGD(eps, norm=norm, loss=key.split("-")[1], seed=seed)
+    if key == "apgd-t":
+        from tfadv.attacks.apgd import APGDTargeted
+        return APGDTargeted(eps, norm=norm, seed=seed)
+    if key == "fab-t":
+        from tfadv.attacks.fab import FABTargeted
+        return FABTargeted(eps, norm=norm, seed=seed)
+    if key == "square":
+        from tfadv.attacks.square import Square
+        return Square(eps, norm=norm, seed=seed)
+    if key in ("autoattack", "autoattack-fast"):
+        from tfadv.attacks.autoattack import AutoAttack
+        return AutoAttack(eps, norm=norm, version="fast" if key.endswith("fast") else "standard",
+                          seed=seed)
+    raise ValueError(f"unknown attack name {name!r}; known: {', '.join(NAMES)} "
+                     f"(K = number of PGD steps).")
+
+
+def norm_name(norm):
+    return "linf" if parse_norm(norm) == np.inf else "l2"
