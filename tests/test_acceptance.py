@@ -1,7 +1,9 @@
-"""Acceptance on the embedded digits: the shipped configs, run exactly as the README runs them.
+"""Acceptance on the embedded digits: the shipped configs, run exactly as the README runs them,
+then evaluated by bin/evaluate with its default attacks (FGSM, PGD-20, AutoAttack).
 
-PGD-AT (gin/pgd_at.gin): clean accuracy >= 94% and PGD-40 robust accuracy >= 45% at L-inf
-eps = 0.3 on the test split. The standard-training baseline (gin/standard.gin): PGD-40 < 5%.
+- PGD-AT (gin/pgd_at.gin): clean accuracy >= 94% and PGD-40 robust accuracy >= 45% at L-inf
+  eps = 0.3 on the test split; the AutoAttack ensemble's robust accuracy <= PGD-20's.
+- Standard training (gin/standard.gin): PGD-40 < 5%; AutoAttack <= 1%.
 """
 
 import json
@@ -9,28 +11,67 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _train(gin_file, model_dir):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bin", "train"), f"--gin_file={gin_file}",
          f"--model_dir={model_dir}", "--gin_param=train.verbose = 2"],
-        capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        capture_output=True, text=True, timeout=900, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(model_dir, "report.json")) as f:
         return json.load(f)
 
 
-def test_pgd_at_default_config_is_robust(tmp_path):
-    report = _train("pgd_at.gin", tmp_path / "pgd_at")
+def _evaluate(model_dir):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bin", "evaluate"), f"--model={model_dir}",
+         "--eps=0.3"], capture_output=True, text=True, timeout=1200, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(model_dir, "eval", "eval.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def pgd_at_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("pgd_at")
+    return model_dir, _train("pgd_at.gin", model_dir)
+
+
+@pytest.fixture(scope="module")
+def standard_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("standard")
+    return model_dir, _train("standard.gin", model_dir)
+
+
+def test_pgd_at_default_config_is_robust(pgd_at_run):
+    _, report = pgd_at_run
     assert report["clean_accuracy"] >= 0.94
     assert report["robust_accuracy"]["PGD-40"] >= 0.45
-    assert report["robust_accuracy"]["PGD-40"] <= report["robust_accuracy"]["FGSM"] + 0.02
+    assert report["robust_accuracy"]["PGD-40"] <= report["robust_accuracy"]["FGSM"] + 0.01
+    assert all(c["passed"] for c in report["sanity_checks"]), report["sanity_checks"]
 
 
-def test_standard_training_baseline_is_not_robust(tmp_path):
-    report = _train("standard.gin", tmp_path / "standard")
+def test_standard_training_baseline_is_not_robust(standard_run):
+    _, report = standard_run
     assert report["clean_accuracy"] >= 0.94
     assert report["robust_accuracy"]["PGD-40"] < 0.05
+
+
+def test_autoattack_is_at_least_as_strong_as_pgd20_on_the_robust_model(pgd_at_run):
+    model_dir, report = pgd_at_run
+    result = _evaluate(model_dir)
+    assert result["clean_accuracy"] == pytest.approx(report["clean_accuracy"])
+    assert result["robust_accuracy"]["autoattack"] <= result["robust_accuracy"]["pgd20"]
+    assert result["worst_case_accuracy"] <= result["robust_accuracy"]["autoattack"]
+    assert result["robust_accuracy"]["autoattack"] > 0.3  # PGD-AT is robust, not broken
+
+
+def test_autoattack_breaks_the_standard_model(standard_run):
+    model_dir, _ = standard_run
+    result = _evaluate(model_dir)
+    assert result["robust_accuracy"]["autoattack"] <= 0.01
