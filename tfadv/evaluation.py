@@ -275,6 +275,7 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
     Returns:
       dict with ``num_examples``, ``clean_accuracy``, ``robust_accuracy`` (per attack),
       ``worst_case_accuracy``, ``counts``, ``seconds`` (per attack), ``threat_model``,
+      ``attack_details`` (per ensemble: examples each component fooled first),
       ``robustness_curve``, ``sanity_checks`` and ``per_example`` (0/1 lists).
     """
     attacks = dict(attacks or {})
@@ -300,12 +301,16 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
     clean_logits = np.concatenate([np.asarray(predict(x)) for x, _ in batches])
     clean = np.argmax(clean_logits, -1) == y_all
     seconds = {"clean": time.perf_counter() - start}
-    robust, adversarial = {}, {}
+    robust, adversarial, details = {}, {}, {}
     for name, attack in attacks.items():
+        if hasattr(attack, "reset_stats"):
+            attack.reset_stats()
         start = time.perf_counter()
         correct, adversarial[name] = _run_attack(attack, model, batches, predict, verbose, name)
         seconds[name] = time.perf_counter() - start
         robust[name] = correct & clean  # a misclassified clean input is not robust
+        if hasattr(attack, "stats"):  # an ensemble: examples each component fooled first
+            details[name] = dict(attack.stats)
     worst = clean.copy()
     for r in robust.values():
         worst &= r
@@ -341,6 +346,7 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "threat_model": threat,
         "attacks": {k: repr(v) for k, v in attacks.items()},
+        "attack_details": details,
         "robustness_curve": curve,
         "sanity_checks": checks,
         "per_example": {"clean": clean.astype(int).tolist(),
@@ -384,6 +390,9 @@ def format_table(result):
     for name, acc, sec in rows:
         sec_text = "" if np.isnan(sec) else f"{sec:7.1f}"
         lines.append(f"{name:<{width}}  {100 * acc:7.2f}%  {sec_text}")
+    for name, stats in result.get("attack_details", {}).items():
+        parts = ", ".join(f"{k} {v}" for k, v in stats.items())
+        lines.append(f"{name}: examples fooled first by each component: {parts}")
     threat = result.get("threat_model")
     where = f", {threat['norm']} eps={threat['eps']:g}" if threat else ""
     lines.append(f"({result['num_examples']} examples{where})")

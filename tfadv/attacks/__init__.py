@@ -1,8 +1,21 @@
-"""Attacks on image classifiers whose inputs live in [0, 1]. See `tfadv.attacks.base`."""
+"""Attacks on image classifiers whose inputs live in [0, 1]. See `tfadv.attacks.base`.
 
+White-box: FGSM and PGD (`pgd`), MIM (`mim`), CW-L2 (`cw`), APGD-CE / APGD-DLR and APGD-T
+(`apgd`), FAB-T (`fab`). Black-box: Square (`square`). The AutoAttack ensemble (`autoattack`).
+By name: `tfadv.attacks.registry.build_attack`.
+"""
+
+from tfadv.attacks.apgd import APGD, APGDTargeted
+from tfadv.attacks.autoattack import AutoAttack
 from tfadv.attacks.base import Attack
+from tfadv.attacks.cw import CarliniWagnerL2
+from tfadv.attacks.fab import FABTargeted
 from tfadv.attacks.losses import cross_entropy, cw_margin, dlr, dlr_targeted, get_loss
+from tfadv.attacks.mim import MIM
 from tfadv.attacks.pgd import FGSM, PGD, parse_norm, project, random_in_ball
+from tfadv.attacks.registry import build_attack
+from tfadv.attacks.square import Square
 
-__all__ = ["Attack", "FGSM", "PGD", "cross_entropy", "cw_margin", "dlr", "dlr_targeted",
-           "get_loss", "parse_norm", "project", "random_in_ball"]
+__all__ = ["APGD", "APGDTargeted", "Attack", "AutoAttack", "CarliniWagnerL2", "FABTargeted",
+           "FGSM", "MIM", "PGD", "Square", "build_attack", "cross_entropy", "cw_margin", "dlr",
+           "dlr_targeted", "get_loss", "parse_norm", "project", "random_in_ball"]
