@@ -146,3 +146,40 @@ def test_bin_evaluate_end_to_end(trained_digits_model, tmp_path):
 def test_bin_evaluate_rejects_bad_input(tmp_path, args, needle):
     proc = _evaluate_cli([f"--model={tmp_path}", *args])
     assert proc.returncode != 0 and needle in proc.stderr
+
+
+def test_rescaled_logits_do_not_inflate_the_worst_case(trained_digits_model, digits):
+    """Logits x 1e4 fool cross-entropy PGD (its gradients underflow), not the scale-invariant
+    DLR attack, so the worst case stays at the unscaled model's level."""
+    from tfadv.attacks import APGD
+
+    def evaluate(model):
+        attacks = {"pgd10": build_attack("pgd10", 0.2),
+                   "apgd-dlr": APGD(0.2, steps=20, loss="dlr")}
+        return evaluation.evaluate(model, _small_test(digits), attacks=attacks, sanity=False,
+                                   verbose=0)
+
+    plain = evaluate(trained_digits_model)
+    scaled = evaluate(_wrap(trained_digits_model, lambda z: 1e4 * z))
+    summary = (plain["robust_accuracy"], scaled["robust_accuracy"])
+    assert scaled["robust_accuracy"]["pgd10"] > plain["robust_accuracy"]["pgd10"] + 0.2, summary
+    assert scaled["worst_case_accuracy"] <= plain["worst_case_accuracy"] + 3 / 96, summary
+
+
+def test_masked_gradients_are_caught_by_the_black_box_attack(trained_digits_model, digits):
+    """Quantised inputs with a zero gradient: gradient attacks fail, Square does not, and the
+    black-box check says so."""
+    from tfadv.attacks import Square
+
+    inputs = keras.Input((8, 8, 1))
+    quantised = keras.layers.Lambda(lambda t: tf.stop_gradient(tf.round(t * 8) / 8))(inputs)
+    masked = keras.Model(inputs, trained_digits_model(quantised))
+    attacks = {"fgsm": FGSM(eps=0.3), "pgd10": build_attack("pgd10", 0.3),
+               "square": Square(0.3, n_queries=300)}
+    result = evaluation.evaluate(masked, _small_test(digits), attacks=attacks, verbose=0)
+    checks = {c["name"]: c for c in result["sanity_checks"]}
+    assert checks["gradients"]["passed"] is False
+    assert checks["black_box_vs_white_box"]["passed"] is False
+    assert "masked" in checks["black_box_vs_white_box"]["verdict"]
+    assert result["worst_case_accuracy"] <= result["robust_accuracy"]["square"]
+    assert result["robust_accuracy"]["square"] < result["robust_accuracy"]["pgd10"] - 0.3

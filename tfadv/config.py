@@ -4,6 +4,7 @@ Keras 3 optimizers are not registered with gin; they are registered here once, u
 ``keras.optimizers`` (so gin files say ``@keras.optimizers.SGD``).
 """
 
+import logging
 import os
 
 import gin
@@ -57,6 +58,17 @@ def parse(gin_files=(), bindings=(), finalize=True):
         gin.add_config_file_search_path(GIN_DIR)
         _SEARCH_PATH_ADDED = True
     files = [resolve_gin_file(f) for f in gin_files]
-    gin.parse_config_files_and_bindings(files, list(bindings), skip_unknown=False,
-                                        finalize_config=finalize)
+    root = logging.getLogger()
+    root.addFilter(_quiet_include_probe)
+    try:
+        gin.parse_config_files_and_bindings(files, list(bindings), skip_unknown=False,
+                                            finalize_config=finalize)
+    finally:
+        root.removeFilter(_quiet_include_probe)
     return files
+
+
+def _quiet_include_probe(record):
+    # gin first looks for an include relative to the working directory and logs an ERROR
+    # ("Path not found") before finding it in GIN_DIR: noise, not an error.
+    return "Path not found" not in record.getMessage()

@@ -111,7 +111,7 @@ class _APGDBase(Attack):
             logits = model(x_adv, training=False)
             losses = tf.cast(self._loss(labels, logits, aux), tf.float32)
             total = tf.reduce_sum(losses)
-        grad = tape.gradient(total, x_adv)
+        grad = tape.gradient(total, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         fooled = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
         return losses, grad, fooled
 

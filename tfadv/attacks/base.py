@@ -56,8 +56,10 @@ class Attack:
         key = (id(model), tuple(x.shape[1:]), x.dtype, labels.dtype, tuple(labels.shape[1:]))
         fn = self._functions.get(key)
         if fn is None:
+            # autograph=False: attack loops are explicit tf.while_loops; autograph would re-read
+            # the source at trace time and slows tracing several-fold.
             fn = tf.function(
-                lambda x_, y_: self._traced(model, x_, y_),
+                lambda x_, y_: self._traced(model, x_, y_), autograph=False,
                 input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype),
                                  tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)])
             self._functions[key] = fn

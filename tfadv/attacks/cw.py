@@ -136,7 +136,8 @@ class CarliniWagnerL2(Attack):
                     image = to_image(w)
                     dist, hinge, success = objective_terms(image)
                     total = tf.reduce_sum(dist + const * hinge)
-                grad = tape.gradient(total, w)
+                grad = tape.gradient(total, w,
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
                 best_round, best_dist, best_adv = record(
                     image, dist, success, best_round, best_dist, best_adv)
                 if self.abort_early:

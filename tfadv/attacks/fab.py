@@ -243,7 +243,8 @@ class FABTargeted(Attack):
                 g = (tf.gather(logits, target, axis=1, batch_dims=1)
                      - tf.gather(logits, labels, axis=1, batch_dims=1))
                 total = tf.reduce_sum(g)
-            w = _flat(tape.gradient(total, x1))
+            w = _flat(tape.gradient(total, x1,
+                                    unconnected_gradients=tf.UnconnectedGradients.ZERO))
             x1_flat = _flat(x1)
             offset = tf.reduce_sum(w * x1_flat, axis=1) - g           # pi_t: <w, z> = offset
             # Both projections (of x^(i) and of x_orig) in one batched call.

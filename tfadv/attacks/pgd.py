@@ -151,7 +151,10 @@ class PGD(Attack):
             logits = model(x_adv, training=self.training)
             losses = tf.cast(self.loss_fn(labels, logits), tf.float32)
             total = tf.reduce_sum(losses)
-        return logits, losses, tape.gradient(total, x_adv)
+        # A model without a gradient path to its input (masked gradients) gets a zero step, not
+        # a crash: the evaluation's sanity checks are there to flag it.
+        grad = tape.gradient(total, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return logits, losses, grad
 
     def _attack(self, model, x, labels):
         if self.training and tf.distribute.get_strategy().num_replicas_in_sync > 1 and any(
