@@ -49,17 +49,23 @@ class Attack:
         self._functions = {}
 
     def __call__(self, model, x, labels):
+        return self.compiled(self._traced, model, x, labels)
+
+    def compiled(self, traced, model, x, labels):
+        """Calls ``traced(model, x, labels)`` compiled once per (entry point, model, input
+        signature), or inlined when already inside a traced function (see module docstring)."""
         x = tf.convert_to_tensor(x)
         labels = tf.convert_to_tensor(labels)
         if tf.inside_function():
-            return self._traced(model, x, labels)
-        key = (id(model), tuple(x.shape[1:]), x.dtype, labels.dtype, tuple(labels.shape[1:]))
+            return traced(model, x, labels)
+        key = (traced.__name__, id(model), tuple(x.shape[1:]), x.dtype, labels.dtype,
+               tuple(labels.shape[1:]))
         fn = self._functions.get(key)
         if fn is None:
             # autograph=False: attack loops are explicit tf.while_loops; autograph would re-read
             # the source at trace time and slows tracing several-fold.
             fn = tf.function(
-                lambda x_, y_: self._traced(model, x_, y_), autograph=False,
+                lambda x_, y_: traced(model, x_, y_), autograph=False,
                 input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype),
                                  tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)])
             self._functions[key] = fn

@@ -158,7 +158,6 @@ class Square(Attack):
         self.n_queries = int(n_queries)
         self.p_init = float(p_init)
         self.restarts = int(restarts)
-        self._query_functions = {}
 
     def __repr__(self):
         norm = "linf" if self.norm == np.inf else "l2"
@@ -178,19 +177,7 @@ class Square(Attack):
         ``queries_per_example`` (int32, shape ``(batch,)``) counts the model evaluations spent
         on each example, the clean query included; it never exceeds ``n_queries``. Compiled
         once per model and input signature, like the plain call."""
-        x = tf.convert_to_tensor(x)
-        labels = tf.convert_to_tensor(labels)
-        if tf.inside_function():
-            return self._traced_with_queries(model, x, labels)
-        key = (id(model), tuple(x.shape[1:]), x.dtype, labels.dtype, tuple(labels.shape[1:]))
-        fn = self._query_functions.get(key)
-        if fn is None:
-            fn = tf.function(
-                lambda x_, y_: self._traced_with_queries(model, x_, y_), autograph=False,
-                input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype),
-                                 tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)])
-            self._query_functions[key] = fn
-        return fn(x, labels)
+        return self.compiled(self._traced_with_queries, model, x, labels)
 
     @tf.autograph.experimental.do_not_convert
     def _traced_with_queries(self, model, x, labels):
