@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfadv.attacks import PGD, parse_norm
+from tfadv.attacks.pgd import norm_name
 
 CURVE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -315,7 +316,7 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
     for r in robust.values():
         worst &= r
 
-    threat = next(({"norm": "linf" if a.norm == np.inf else "l2", "eps": a.eps}
+    threat = next(({"norm": norm_name(a.norm), "eps": a.eps}
                    for a in attacks.values() if hasattr(a, "eps") and hasattr(a, "norm")), None)
     curve, checks = [], []
     if sanity and threat is not None:

@@ -11,10 +11,11 @@ docstring. AutoAttack's "standard" version runs APGD-CE (100 steps, 1 restart) a
 import gin
 import numpy as np
 import tensorflow as tf
+from cleverhans.tf2.utils import optimize_linear
 
 from tfadv.attacks.base import Attack, check_number
 from tfadv.attacks.losses import cross_entropy, dlr, dlr_targeted
-from tfadv.attacks.pgd import parse_norm, project, random_in_ball
+from tfadv.attacks.pgd import norm_name, parse_norm, project, random_in_ball
 
 MOMENTUM = 0.75  # alpha of Algorithm 1 (fixed in the paper and in the reference code)
 INITIAL_STEP = 2.0  # eta^(0) = INITIAL_STEP * eps, for L-inf and L2
@@ -84,10 +85,6 @@ class _APGDBase(Attack):
         self.restarts = int(restarts)
         self.rho = float(rho)
 
-    @property
-    def _norm_name(self):
-        return "linf" if self.norm == np.inf else "l2"
-
     # -- what the subclasses define -------------------------------------------------------------
     def _num_objectives(self, num_classes):
         """How many objectives (target classes) the attack runs, each ``restarts`` times."""
@@ -116,11 +113,9 @@ class _APGDBase(Attack):
         return losses, grad, fooled
 
     def _direction(self, grad):
-        if self.norm == np.inf:
-            return tf.sign(grad)
-        axes = list(range(1, len(grad.shape)))
-        size = tf.sqrt(tf.reduce_sum(tf.square(grad), axes, keepdims=True))
-        return grad / (size + 1e-12)
+        """The unit steepest-ascent step: sign(g) (L-inf) or g / ||g||_2 (L2), the same
+        cleverhans `optimize_linear` step as PGD's."""
+        return optimize_linear(grad, 1.0, self.norm)
 
     def _project(self, x_adv, x):
         return project(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
@@ -320,7 +315,7 @@ class APGD(_APGDBase):
         self.loss = loss
 
     def __repr__(self):
-        return (f"APGD(eps={self.eps:g}, norm={self._norm_name}, steps={self.steps}, "
+        return (f"APGD(eps={self.eps:g}, norm={norm_name(self.norm)}, steps={self.steps}, "
                 f"loss={self.loss}, restarts={self.restarts})")
 
     def _num_objectives(self, num_classes):
@@ -363,7 +358,7 @@ class APGDTargeted(_APGDBase):
         self.n_target_classes = int(n_target_classes)
 
     def __repr__(self):
-        return (f"APGDTargeted(eps={self.eps:g}, norm={self._norm_name}, steps={self.steps}, "
+        return (f"APGDTargeted(eps={self.eps:g}, norm={norm_name(self.norm)}, steps={self.steps}, "
                 f"n_target_classes={self.n_target_classes}, restarts={self.restarts})")
 
     def _num_objectives(self, num_classes):

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks.base import check_number
-from tfadv.attacks.pgd import parse_norm, project
+from tfadv.attacks.pgd import norm_name, parse_norm, project
 
 VERSIONS = ("standard", "fast")
 
@@ -71,7 +71,7 @@ class AutoAttack:
         self.stats = {name: 0 for name, _ in self.components}
 
     def __repr__(self):
-        norm = "linf" if self.norm == np.inf else "l2"
+        norm = norm_name(self.norm)
         names = "+".join(name for name, _ in self.components)
         return f"AutoAttack(eps={self.eps:g}, norm={norm}, version={self.version}: {names})"
 

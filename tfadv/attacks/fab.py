@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks.base import Attack, check_number
-from tfadv.attacks.pgd import parse_norm, project
+from tfadv.attacks.pgd import norm_name, parse_norm, project
 
 __all__ = ["FABTargeted", "hyperplane_box_step"]
 
@@ -206,7 +206,7 @@ class FABTargeted(Attack):
         self.beta = float(beta)
 
     def __repr__(self):
-        norm = "linf" if self.norm == np.inf else "l2"
+        norm = norm_name(self.norm)
         extra = f", restarts={self.restarts}" if self.restarts > 1 else ""
         return (f"FABTargeted(eps={self.eps:g}, norm={norm}, steps={self.steps}, "
                 f"n_target_classes={self.n_target_classes}{extra})")

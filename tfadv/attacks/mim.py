@@ -19,12 +19,11 @@ rescales every term of g equally and so changes neither sign(g) nor g / ||g||_2.
 """
 
 import gin
-import numpy as np
 import tensorflow as tf
 from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
 
 from tfadv.attacks.base import Attack, check_number
-from tfadv.attacks.pgd import parse_norm, project
+from tfadv.attacks.pgd import norm_name, parse_norm, project
 
 
 @gin.configurable
@@ -55,7 +54,7 @@ class MIM(Attack):
         self.decay_factor = float(decay_factor)
 
     def __repr__(self):
-        norm = "linf" if self.norm == np.inf else "l2"
+        norm = norm_name(self.norm)
         return (f"MIM(eps={self.eps:g}, step_size={self.step_size:g}, steps={self.steps}, "
                 f"decay_factor={self.decay_factor:g}, norm={norm})")
 

@@ -40,6 +40,11 @@ def parse_norm(norm):
         raise ValueError(f"norm must be 'linf' or 'l2' (or np.inf, 2); got {norm!r}.") from None
 
 
+def norm_name(norm):
+    """``'linf'`` or ``'l2'``: the name of a norm given in any form `parse_norm` accepts."""
+    return "linf" if parse_norm(norm) == np.inf else "l2"
+
+
 def project(x_adv, x, eps, norm, clip_min=0.0, clip_max=1.0):
     """Projects ``x_adv`` onto ``{x' : ||x' - x||_norm <= eps} ∩ [clip_min, clip_max]^d``.
 
@@ -130,10 +135,9 @@ class PGD(Attack):
         self.select = select
 
     def __repr__(self):
-        norm = "linf" if self.norm == np.inf else "l2"
         extra = f", restarts={self.restarts}" if self.restarts > 1 else ""
         return (f"PGD(eps={self.eps:g}, step_size={self.step_size:g}, steps={self.steps}, "
-                f"norm={norm}, random_start={self.random_start}{extra})")
+                f"norm={norm_name(self.norm)}, random_start={self.random_start}{extra})")
 
     def initial_point(self, x, restart=0):
         """The starting point of the ascent for clean images ``x`` (float32)."""

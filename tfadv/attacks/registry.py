@@ -8,8 +8,6 @@ with the Carlini-Wagner margin loss); ``mim``; ``cw-l2`` (L2 only); ``apgd-ce``;
 
 import re
 
-import numpy as np
-
 from tfadv.attacks.pgd import FGSM, PGD, parse_norm
 
 NAMES = ("fgsm", "pgdK", "pgdK-cw", "mim", "cw-l2", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
@@ -54,7 +52,3 @@ def build_attack(name, eps, norm="linf", seed=0):
                           seed=seed)
     raise ValueError(f"unknown attack name {name!r}; known: {', '.join(NAMES)} "
                      f"(K = number of PGD steps).")
-
-
-def norm_name(norm):
-    return "linf" if parse_norm(norm) == np.inf else "l2"

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from tfadv.attacks.base import Attack, check_number
 from tfadv.attacks.losses import cw_margin
-from tfadv.attacks.pgd import parse_norm, project
+from tfadv.attacks.pgd import norm_name, parse_norm, project
 
 # Rescaled iterations (out of 10,000) after which the fraction p of changed pixels is halved.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -160,7 +160,7 @@ class Square(Attack):
         self.restarts = int(restarts)
 
     def __repr__(self):
-        norm = "linf" if self.norm == np.inf else "l2"
+        norm = norm_name(self.norm)
         extra = f", restarts={self.restarts}" if self.restarts > 1 else ""
         return (f"Square(eps={self.eps:g}, norm={norm}, n_queries={self.n_queries}, "
                 f"p_init={self.p_init:g}{extra})")

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks import cross_entropy
+from tfadv.data import validate_arrays
 
 
 def num_replicas():
@@ -143,8 +144,6 @@ class Defense(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, after checking array inputs (range, shape, labels)."""
         if isinstance(x, np.ndarray) or tf.is_tensor(x):
-            from tfadv.data import validate_arrays  # local: data imports tfds lazily
-
             validate_arrays(np.asarray(x), None if y is None else np.asarray(y),
                             image_shape=self.base_model.input_shape[1:],
                             num_classes=self.base_model.output_shape[-1])
