@@ -6,10 +6,12 @@ import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfadv import config
 from tfadv import train as train_lib
+from tfadv.attacks import kl_divergence
 from tfadv.defenses import Defense
 
 GIN_FILES = sorted(os.path.relpath(p, config.GIN_DIR)
@@ -20,7 +22,8 @@ MODEL_DATA = {"models/madry_mnist_cnn.gin": "datasets/mnist.gin",
               "models/preact_resnet18.gin": "datasets/cifar10.gin",
               "models/wrn34_10.gin": "datasets/cifar10.gin",
               "models/wrn28_10.gin": "datasets/cifar10.gin"}
-TINY = ["train.epochs = 1", "wide_resnet.depth = 10", "wide_resnet.width = 1"]
+TINY = ["train.epochs = 1", "AWP.warmup_epochs = 0", "wide_resnet.depth = 10",
+        "wide_resnet.width = 1"]
 CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b")
 
 
@@ -46,7 +49,9 @@ def test_gin_file_parses_and_builds(name):
     for attack in [defense.attack, defense.eval_attack, *built["eval_attacks"].values()]:
         if attack is None:
             continue
-        x_adv = attack(base, x[:2], y[:2]).numpy()
+        # TRADES' attack ascends a KL against the clean prediction instead of the labels.
+        targets = (tf.nn.softmax(base(x[:2])) if attack.loss_fn is kl_divergence else y[:2])
+        x_adv = attack(base, x[:2], targets).numpy()
         assert x_adv.shape == tuple(x[:2].shape)
         assert np.abs(x_adv - x[:2].numpy()).max() <= attack.eps + 1e-6
 

@@ -92,6 +92,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         base_model = build(input_shape=data.image_shape, num_classes=data.num_classes)
         evaluation.check_logits_model(base_model, data.image_shape)
         wrapped = defense(base_model)
+        wrapped.check_schedule(epochs)  # e.g. an AWP warm-up longer than training
         lr = learning_rate(steps_per_epoch) if callable(learning_rate) else learning_rate
         opt = (optimizer or keras.optimizers.Adam)(learning_rate=lr)
         wrapped.compile(optimizer=opt, jit_compile=jit_compile)

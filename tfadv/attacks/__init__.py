@@ -10,7 +10,8 @@ from tfadv.attacks.autoattack import AutoAttack
 from tfadv.attacks.base import Attack
 from tfadv.attacks.cw import CarliniWagnerL2
 from tfadv.attacks.fab import FABTargeted
-from tfadv.attacks.losses import cross_entropy, cw_margin, dlr, dlr_targeted, get_loss
+from tfadv.attacks.losses import (cross_entropy, cw_margin, dlr, dlr_targeted, get_loss,
+                                  kl_divergence)
 from tfadv.attacks.mim import MIM
 from tfadv.attacks.pgd import FGSM, PGD, parse_norm, project, random_in_ball
 from tfadv.attacks.registry import build_attack
@@ -18,4 +19,4 @@ from tfadv.attacks.square import Square
 
 __all__ = ["APGD", "APGDTargeted", "Attack", "AutoAttack", "CarliniWagnerL2", "FABTargeted",
            "FGSM", "MIM", "PGD", "Square", "build_attack", "cross_entropy", "cw_margin", "dlr",
-           "dlr_targeted", "get_loss", "parse_norm", "project", "random_in_ball"]
+           "dlr_targeted", "get_loss", "kl_divergence", "parse_norm", "project", "random_in_ball"]

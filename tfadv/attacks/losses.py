@@ -36,6 +36,21 @@ def cw_margin(labels, logits, confidence=50.0):
     return tf.minimum(other_logit - true_logit, confidence)
 
 
+def kl_divergence(target_probs, logits):
+    """KL(p || softmax(logits)) per example, the TRADES objective (Zhang et al. 2019, eq. 5):
+
+        sum_k p_k * (log p_k - log softmax(z)_k)
+
+    with ``target_probs`` = p (the clean prediction, rows summing to 1) and 0 * log 0 = 0, as
+    PyTorch's ``KLDivLoss(log_softmax(z), p)`` in the official code. Gradients flow into both
+    arguments (the official outer loss does not detach p).
+    """
+    target_probs = tf.cast(target_probs, tf.float32)
+    log_q = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    return tf.reduce_sum(tf.math.xlogy(target_probs, target_probs) - target_probs * log_q,
+                         axis=-1)
+
+
 def _sorted_logits(logits):
     return tf.sort(tf.cast(logits, tf.float32), axis=-1, direction="DESCENDING")
 
@@ -73,7 +88,8 @@ def dlr_targeted(labels, logits, target_labels):
     return -(true_logit - target_logit) / scale
 
 
-LOSSES = {"cross_entropy": cross_entropy, "cw_margin": cw_margin, "dlr": dlr}
+LOSSES = {"cross_entropy": cross_entropy, "cw_margin": cw_margin, "dlr": dlr,
+          "kl_divergence": kl_divergence}
 
 
 def get_loss(loss_fn):

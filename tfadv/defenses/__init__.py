@@ -1,6 +1,14 @@
-"""Defenses: `keras.Model` subclasses that wrap a base classifier and override `train_step`."""
+"""Defenses: `keras.Model` subclasses that wrap a base classifier and define its training
+objective (`Defense.prepare` + `Defense.objective`; the shared `train_step` is in `base`).
 
-from tfadv.defenses.base import Defense
+`AWP` is not a defense of its own: any defense with ``supports_awp`` takes one as ``awp=``."""
+
+from tfadv.defenses.alp import ALP
+from tfadv.defenses.awp import AWP
+from tfadv.defenses.base import Defense, ModelState
+from tfadv.defenses.mart import MART
 from tfadv.defenses.pgd_at import PGDAdversarialTraining, StandardTraining
+from tfadv.defenses.trades import TRADES
 
-__all__ = ["Defense", "PGDAdversarialTraining", "StandardTraining"]
+__all__ = ["ALP", "AWP", "Defense", "MART", "ModelState", "PGDAdversarialTraining",
+           "StandardTraining", "TRADES"]

@@ -1,8 +1,22 @@
 """The shared shape of every defense: a `keras.Model` that wraps a base classifier.
 
-A defense owns the training objective (its `train_step`) and reports clean and robust accuracy in
-`test_step`. It adds no variables of its own to the deployed model: `save` and `export` write the
-wrapped base classifier only.
+A defense owns the training objective and reports clean and robust accuracy in `test_step`. It
+adds no variables of its own to the deployed model: `save` and `export` write the wrapped base
+classifier only.
+
+One training step, for every defense (`Defense.train_step`):
+
+1. ``batch = self.prepare(x, y)``: the attack builds what the objective needs (adversarial
+   images, targets), outside any weights tape.
+2. Optionally (`tfadv.defenses.AWP`), a weight perturbation v is computed from the same objective.
+3. ``loss, logits = self.objective(state, x, y, sample_weight, batch)`` under the tape, where
+   ``state`` is a `ModelState`: the base model as a function of explicit weight values (the
+   variables, or the variables plus v), with BatchNorm statistics threaded through its calls.
+4. The gradient of ``loss`` plus the base model's regularization losses updates the variables,
+   and the BatchNorm statistics of the step are written back.
+
+Subclasses implement `prepare` and `objective`; the step, AWP, distribution and mixed precision
+are handled here once.
 
 Distribution and mixed precision follow Keras' own `train_step` (see the TensorFlow trainer): the
 per-replica loss is the per-replica mean divided by the number of replicas (so the optimizer's sum
@@ -10,6 +24,8 @@ over replicas gives the global-batch mean), the loss is passed through `optimize
 before differentiation (loss scaling), and the logged loss is multiplied back by the number of
 replicas.
 """
+
+import inspect
 
 import keras
 import numpy as np
@@ -31,23 +47,99 @@ def replica_mean(per_example, sample_weight=None):
     return tf.nn.compute_average_loss(per_example, sample_weight=sample_weight)
 
 
+class ModelState:
+    """A Keras model evaluated at explicit weight values (`keras.Model.stateless_call`).
+
+    ``trainable`` are the model's variables read under the caller's gradient tape, plus
+    ``perturbation`` (one tensor or ``None`` per trainable variable) when given: gradients taken
+    with respect to the variables are then gradients at the perturbed point. Non-trainable
+    values (BatchNorm moving statistics, dropout seed state) start at the variables and are
+    threaded through successive calls, as successive ordinary calls would update them; nothing
+    is written to the model until `commit`.
+    """
+
+    def __init__(self, model, perturbation=None):
+        self.model = model
+        variables = model.trainable_variables
+        if perturbation is None:
+            perturbation = [None] * len(variables)
+        if len(perturbation) != len(variables):
+            raise ValueError(f"perturbation has {len(perturbation)} entries; the model has "
+                             f"{len(variables)} trainable variables.")
+        self.trainable = [v.value if p is None else v.value + tf.cast(p, v.dtype)
+                          for v, p in zip(variables, perturbation)]
+        self.non_trainable = [v.value for v in model.non_trainable_variables]
+        self._regularization = None
+
+    def __call__(self, inputs, training=True):
+        outputs, self.non_trainable, losses = self.model.stateless_call(
+            self.trainable, self.non_trainable, inputs, training=training, return_losses=True)
+        self._regularization = losses
+        return outputs
+
+    def regularization_loss(self):
+        """The model's losses (weight decay) at these weight values, scaled for the replicas."""
+        losses = self._regularization
+        if losses is None:  # not called yet: evaluate the regularizers at these values
+            losses = [v.regularizer(value) for v, value
+                      in zip(self.model.trainable_variables, self.trainable)
+                      if getattr(v, "regularizer", None) is not None]
+        if not losses:
+            return tf.constant(0.0)
+        return tf.nn.scale_regularization_loss(tf.add_n([tf.cast(l, tf.float32) for l in losses]))
+
+    def commit(self):
+        """Writes the threaded non-trainable values (BatchNorm statistics) to the model."""
+        for variable, value in zip(self.model.non_trainable_variables, self.non_trainable):
+            if value is not variable.value:
+                variable.assign(value)
+
+
+class _AWPWarmup(keras.callbacks.Callback):
+    """Switches AWP on at ``awp.warmup_epochs`` (rebuilding the train function once)."""
+
+    def __init__(self, defense):
+        super().__init__()
+        self.defense = defense
+
+    def on_epoch_begin(self, epoch, logs=None):
+        active = epoch >= self.defense.awp.warmup_epochs
+        if active != self.defense.awp_active:
+            self.defense.awp_active = active
+            self.defense.make_train_function(force=True)
+
+
 class Defense(keras.Model):
-    """Base class of tfadv defenses. Subclasses implement `train_step`.
+    """Base class of tfadv defenses. Subclasses implement `prepare` and `objective`.
 
     Args:
       base_model: the classifier to make robust, mapping images in [0, 1] to logits.
       attack: the attack used to build training examples (a `tfadv.attacks.PGD` or compatible).
       eval_attack: the attack behind ``robust_accuracy`` in `evaluate` and validation. Defaults to
         ``attack``.
+      awp: an `tfadv.defenses.AWP` to train against adversarial weight perturbations too (only
+        defenses with ``supports_awp``).
     """
 
-    def __init__(self, base_model, attack=None, eval_attack=None, **kwargs):
+    supports_awp = True
+
+    def __init__(self, base_model, attack=None, eval_attack=None, awp=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(base_model, keras.Model):
             raise TypeError(f"base_model must be a keras.Model; got {type(base_model).__name__}.")
+        if awp is not None:
+            if not self.supports_awp:
+                raise ValueError(
+                    f"{type(self).__name__} does not support AWP (awp=...): adversarial weight "
+                    "perturbation needs an adversarial objective. Use it with "
+                    "PGDAdversarialTraining, TRADES, MART or ALP.")
+            if not callable(getattr(awp, "perturbation", None)):
+                raise TypeError(f"awp must be a tfadv.defenses.AWP; got {type(awp).__name__}.")
         self.base_model = base_model
         self.attack = attack
         self.eval_attack = eval_attack if eval_attack is not None else attack
+        self.awp = awp
+        self.awp_active = awp is not None and awp.warmup_epochs == 0
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.adv_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -75,35 +167,56 @@ class Defense(keras.Model):
             )
         super().compile(optimizer=optimizer, **kwargs)
 
-    # --- helpers for subclasses -----------------------------------------------------------
-    def regularization_loss(self):
-        """The base model's `losses` (e.g. weight decay), scaled for the replica count."""
-        if not self.base_model.losses:
-            return tf.constant(0.0)
-        return tf.nn.scale_regularization_loss(
-            tf.add_n([tf.cast(l, tf.float32) for l in self.base_model.losses])
-        )
+    # --- what subclasses define -----------------------------------------------------------
+    def prepare(self, x, y):
+        """Everything the objective needs from the attack (e.g. adversarial images), computed
+        outside the weights tape. Default: nothing."""
+        return None
 
-    def apply_gradients(self, tape, loss):
-        """Differentiates the (loss-scaled) replica loss and applies the optimizer step."""
-        variables = self.base_model.trainable_variables
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply(grads, variables)
+    def objective(self, state, x, y, sample_weight, batch):
+        """The training loss of one replica's batch at the weights of ``state``.
 
-    def supervised_step(self, inputs, y, sample_weight, accuracy):
-        """One optimizer step on the mean cross-entropy of ``base_model(inputs)`` against ``y``.
+        Args:
+          state: a `ModelState`; call ``state(images, training=True)`` for logits.
+          x, y, sample_weight: the replica's batch.
+          batch: what `prepare` returned.
 
-        Returns the logs dict (loss and ``accuracy``, the metric updated with these logits).
+        Returns:
+          ``(loss, logits)``: the replica's share of the global-batch loss (use `replica_mean`;
+          without regularization), and a dict with ``'adv'`` and/or ``'clean'`` logits for the
+          training accuracies.
         """
+        raise NotImplementedError
+
+    # --- the training step ----------------------------------------------------------------
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch = tf.nest.map_structure(
+            lambda t: None if t is None else tf.stop_gradient(t), self.prepare(x, y))
+        perturbation = None
+        if self.awp is not None and self.awp_active:
+            perturbation = self.awp.perturbation(self, x, y, sample_weight, batch)
+        variables = self.base_model.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.base_model(inputs, training=True)
-            loss = replica_mean(cross_entropy(y, logits), sample_weight)
-            loss = loss + self.regularization_loss()
+            state = ModelState(self.base_model, perturbation)
+            loss, logits = self.objective(state, x, y, sample_weight, batch)
+            loss = loss + state.regularization_loss()
             scaled_loss = self.optimizer.scale_loss(loss)
-        self.apply_gradients(tape, scaled_loss)
-        self.track_loss(loss, inputs)
-        accuracy.update_state(y, logits, sample_weight=sample_weight)
-        return {"loss": self.loss_tracker.result(), accuracy.name: accuracy.result()}
+        grads = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply(grads, variables)
+        state.commit()
+        self.track_loss(loss, x)
+        logs = {"loss": self.loss_tracker.result()}
+        for key, metric in (("adv", self.adv_accuracy), ("clean", self.clean_accuracy)):
+            if key in logits:
+                metric.update_state(y, logits[key], sample_weight=sample_weight)
+                logs[metric.name] = metric.result()
+        return logs
+
+    def regularization_loss(self):
+        """The base model's `losses` (e.g. weight decay) at its variables, scaled for the
+        replica count."""
+        return ModelState(self.base_model).regularization_loss()
 
     def track_loss(self, replica_loss, x):
         """Logs the global loss from this replica's share (undoing the replica division)."""
@@ -141,10 +254,27 @@ class Defense(keras.Model):
         return self.base_model.load_weights(filepath, *args, **kwargs)
 
     # --- input validation -----------------------------------------------------------------
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, after checking array inputs (range, shape, labels)."""
+    def check_schedule(self, epochs):
+        """Raises a clear error if the defense cannot train for ``epochs`` epochs (e.g. an AWP
+        warm-up that would outlast training). Called by `fit` and by `tfadv.train`."""
+        if self.awp is not None and self.awp.warmup_epochs >= epochs:
+            raise ValueError(
+                f"AWP.warmup_epochs={self.awp.warmup_epochs} must be smaller than the number of "
+                f"training epochs ({epochs}): AWP would never start.")
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, after checking array inputs (range, shape, labels) and the
+        schedule; adds the AWP warm-up switch when AWP is used."""
+        signature = inspect.signature(keras.Model.fit)
+        arguments = dict(signature.bind(self, *args, **kwargs).arguments)
+        arguments.pop("self")
+        extra = arguments.pop("kwargs", {})
+        x, y = arguments.get("x"), arguments.get("y")
         if isinstance(x, np.ndarray) or tf.is_tensor(x):
             validate_arrays(np.asarray(x), None if y is None else np.asarray(y),
                             image_shape=self.base_model.input_shape[1:],
                             num_classes=self.base_model.output_shape[-1])
-        return super().fit(x, y, *args, **kwargs)
+        self.check_schedule(arguments.get("epochs", signature.parameters["epochs"].default))
+        if self.awp is not None:
+            arguments["callbacks"] = [*(arguments.get("callbacks") or []), _AWPWarmup(self)]
+        return super().fit(**arguments, **extra)

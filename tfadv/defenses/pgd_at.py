@@ -18,11 +18,9 @@ tfadv default is eval mode, which the issue asks to be explicit).
 """
 
 import gin
-import keras
-import tensorflow as tf
 
-from tfadv.attacks import PGD
-from tfadv.defenses.base import Defense
+from tfadv.attacks import PGD, cross_entropy
+from tfadv.defenses.base import Defense, replica_mean
 
 
 @gin.configurable(denylist=["base_model"])
@@ -46,18 +44,21 @@ class PGDAdversarialTraining(Defense):
       attack: the inner maximisation (default: L-inf PGD, eps 0.3, step 0.01, 40 steps, uniform
         random start: the paper's MNIST setting).
       eval_attack: attack behind ``robust_accuracy`` in `evaluate` (default: ``attack``).
+      awp: optional `tfadv.defenses.AWP` (AT-AWP, Wu et al. 2020).
     """
 
-    def __init__(self, base_model, attack=None, eval_attack=None, **kwargs):
+    def __init__(self, base_model, attack=None, eval_attack=None, awp=None, **kwargs):
         if attack is None:
             attack = PGD(eps=0.3, step_size=0.01, steps=40, random_start="uniform")
-        super().__init__(base_model, attack=attack, eval_attack=eval_attack, **kwargs)
+        super().__init__(base_model, attack=attack, eval_attack=eval_attack, awp=awp, **kwargs)
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        # Inner maximisation: outside the weights tape, no gradient into the weights.
-        x_adv = tf.stop_gradient(self.attack(self.base_model, x, y))
-        return self.supervised_step(x_adv, y, sample_weight, self.adv_accuracy)
+    def prepare(self, x, y):
+        # Inner maximisation: outside the weights tape (the base class stops its gradient).
+        return self.attack(self.base_model, x, y)
+
+    def objective(self, state, x, y, sample_weight, x_adv):
+        logits = state(x_adv, training=True)
+        return replica_mean(cross_entropy(y, logits), sample_weight), {"adv": logits}
 
 
 @gin.configurable(denylist=["base_model"])
@@ -66,9 +67,11 @@ class StandardTraining(Defense):
     with. ``eval_attack`` still measures robust accuracy, so the baseline's lack of robustness
     is visible in the same logs."""
 
+    supports_awp = False  # AWP perturbs the weights against an adversarial objective
+
     def __init__(self, base_model, eval_attack=None, **kwargs):
         super().__init__(base_model, attack=None, eval_attack=eval_attack, **kwargs)
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        return self.supervised_step(x, y, sample_weight, self.clean_accuracy)
+    def objective(self, state, x, y, sample_weight, batch):
+        logits = state(x, training=True)
+        return replica_mean(cross_entropy(y, logits), sample_weight), {"clean": logits}
