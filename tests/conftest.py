@@ -53,3 +53,14 @@ def dataset_arrays(data):
     """Concatenates a batched (x, y) dataset into two numpy arrays."""
     xs, ys = zip(*data)
     return np.concatenate([np.asarray(x) for x in xs]), np.concatenate([np.asarray(y) for y in ys])
+
+
+def run_bin(tool, *args, timeout=600):
+    """Runs ``bin/<tool> args...`` in a fresh process (quiet TF logs, no TF_CONFIG) and returns
+    the `subprocess.CompletedProcess` with text stdout and stderr."""
+    import subprocess
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bin", tool), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)

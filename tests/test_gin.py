@@ -23,6 +23,7 @@ MODEL_DATA = {"models/madry_mnist_cnn.gin": "datasets/mnist.gin",
               "models/wrn34_10.gin": "datasets/cifar10.gin",
               "models/wrn28_10.gin": "datasets/cifar10.gin"}
 TINY = ["train.epochs = 1", "AWP.warmup_epochs = 0", "wide_resnet.depth = 10",
+        "train.initial_weights = None", "load_dataset.pseudo_labeled = None",
         "wide_resnet.width = 1"]
 CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b")
 

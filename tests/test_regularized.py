@@ -1,22 +1,18 @@
 """TRADES, MART, ALP and AWP: closed-form losses and steps, BatchNorm, replicas, bad input, gin."""
 
 import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_bin
 from tfadv.attacks import PGD, kl_divergence
 from tfadv.defenses import (ALP, AWP, MART, TRADES, ModelState, PGDAdversarialTraining,
                             StandardTraining)
 from tfadv.defenses.alp import alp_loss
 from tfadv.defenses.mart import mart_loss
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _softmax(z):
@@ -375,11 +371,8 @@ def test_warmup_longer_than_training_fails_before_any_step():
 
 
 def _bin_train(model_dir, gin_file, params):
-    command = [sys.executable, os.path.join(ROOT, "bin", "train"), f"--gin_file={gin_file}",
-               f"--model_dir={model_dir}", *[f"--gin_param={p}" for p in params]]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return run_bin("train", f"--gin_file={gin_file}", f"--model_dir={model_dir}",
+                   *[f"--gin_param={p}" for p in params])
 
 
 def test_bin_train_rejects_a_warmup_longer_than_training_before_writing(tmp_path):

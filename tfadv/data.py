@@ -14,9 +14,28 @@ Datasets (``name``):
   the same plus random horizontal flip for CIFAR-10/100.
 
 The validation split exists so that checkpoint selection (early stopping) never looks at test.
+
+Subsets and extra data (all from gin, all applied before batching):
+
+- ``classes``: keep these classes only, relabelled 0..k-1 in the order given (e.g. digits 0-4 as
+  a pre-training source task and 5-9 as the fine-tuning target).
+- ``labeled_fraction``: keep this fraction of the training split labelled; the rest becomes
+  `Data.unlabeled` (images without labels), e.g. for `bin/pseudo_label`. Digits: stratified by
+  class with ``random_state=0``; TFDS: the first fraction of the training split.
+- ``pseudo_labeled``: a ``.npz`` written by `bin/pseudo_label` (``images``, ``labels``,
+  ``metadata``). Training batches then mix labelled and pseudo-labelled examples as robust
+  self-training does (Carmon et al. 2019, ``datasets.py:SemiSupervisedSampler``): a fraction
+  ``unsup_fraction`` of each batch is drawn from the pseudo-labelled set WITH replacement, the
+  rest from the labelled set (reshuffled every pass), the two parts are shuffled together (without
+  that, BatchNorm and per-replica batches see unmixed halves), and an epoch is as many batches as
+  the labelled set alone would give. Augmentation applies to both parts. One difference: the
+  labelled stream runs on across epoch boundaries, so every batch is full (the official sampler
+  tops up the last labelled batch of a pass with extra unlabelled examples).
 """
 
 import collections
+import json
+import math
 import os
 
 import gin
@@ -38,9 +57,10 @@ DIGITS_VALIDATION_SIZE = 180
 
 Data = collections.namedtuple(
     "Data", ["name", "train", "validation", "test", "image_shape", "num_classes", "sizes",
-             "batch_size"]
+             "batch_size", "unlabeled"], defaults=[None]
 )
-Data.__doc__ = """Batched train/validation/test pipelines plus what a model builder needs."""
+Data.__doc__ = """Batched train/validation/test pipelines plus what a model builder needs;
+``unlabeled`` is a batched pipeline of images without labels (with ``labeled_fraction``)."""
 
 
 class DatasetNotAvailableError(FileNotFoundError):
@@ -96,6 +116,66 @@ def digits_arrays():
     return {"train": (x_train, y_train), "validation": (x_val, y_val), "test": (x_test, y_test)}
 
 
+def select_classes(images, labels, classes):
+    """Keeps the examples of ``classes`` (numpy arrays), relabelled 0..k-1 in that order."""
+    lookup = np.full(int(max(classes)) + 1, -1, dtype="int32")
+    lookup[list(classes)] = np.arange(len(classes))
+    keep = np.isin(labels, classes)
+    return images[keep], lookup[labels[keep]]
+
+
+def split_labeled(images, labels, fraction, seed=0):
+    """Stratified split of a training set into a labelled part (``fraction``) and the rest."""
+    from sklearn.model_selection import train_test_split
+
+    x_lab, x_unl, y_lab, _ = train_test_split(images, labels, train_size=fraction,
+                                              stratify=labels, random_state=seed)
+    return (x_lab, y_lab), x_unl
+
+
+def write_pseudo_labeled(path, images, labels, metadata):
+    """Writes a pseudo-labelled set atomically (temporary file, then rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.npz")
+    try:
+        np.savez(tmp, images=images, labels=np.asarray(labels, dtype="int32"),
+                 metadata=np.array(json.dumps(metadata)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_pseudo_labeled(path, image_shape, num_classes):
+    """Reads and checks a file of `write_pseudo_labeled`: (images, labels, metadata dict).
+
+    Images may be uint8 (0..255) or floats in [0, 1]."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"pseudo_labeled file {path!r} does not exist; create it with bin/pseudo_label "
+            "(see gin/rst.gin for the command).")
+    with np.load(path) as f:
+        missing = {"images", "labels"} - set(f.files)
+        if missing:
+            raise ValueError(f"pseudo_labeled file {path!r} lacks arrays {sorted(missing)}.")
+        images, labels = f["images"], f["labels"]
+        metadata = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
+    if images.dtype == np.uint8:
+        check = images[:1].astype("float32") / 255.0
+    else:
+        check = images
+    validate_arrays(check, None, image_shape=image_shape)
+    validate_arrays(images[:0].astype("float32").reshape(0, *image_shape), labels[:0])
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or (
+            labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"pseudo_labeled labels must be {len(images)} integers in "
+                         f"[0, {num_classes}); got shape {labels.shape}, dtype {labels.dtype}.")
+    if not len(images):
+        raise ValueError(f"pseudo_labeled file {path!r} holds no examples.")
+    return images, labels.astype("int32"), metadata
+
+
 def augment_fn(kind, image_shape, pad=4):
     """The papers' augmentation for ``kind`` in {None, 'crop', 'crop_flip'}, as a map function."""
     if kind is None:
@@ -119,6 +199,46 @@ def _finish(ds, batch_size, training, augment, seed, shuffle_buffer):
         if augment is not None:
             ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _mixed_batches(labeled, pseudo_images, pseudo_labels, batch_size, unsup_fraction, num_labeled,
+                   augment, seed, shuffle_buffer):
+    """RST batches (module docstring): ``labeled`` is an unbatched (image, label) dataset."""
+    unsup_size = int(batch_size * unsup_fraction)
+    sup_size = batch_size - unsup_size
+    sup = labeled.cache().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    sup = sup.repeat()
+    if augment is not None:
+        sup = sup.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    sup = sup.batch(sup_size)
+    count = len(pseudo_labels)
+    to_float = pseudo_images.dtype == np.uint8
+
+    def gather(indices):  # in NumPy, so the (possibly huge) set is never a graph constant
+        images = pseudo_images[indices]
+        return (images.astype("float32") / 255.0 if to_float else images.astype("float32"),
+                pseudo_labels[indices])
+
+    def lookup(indices):
+        images, labels = tf.numpy_function(gather, [indices], [tf.float32, tf.int32])
+        images.set_shape([unsup_size, *pseudo_images.shape[1:]])
+        labels.set_shape([unsup_size])
+        return images, labels
+
+    unsup = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(
+        lambda r: r % count).batch(unsup_size).map(lookup)
+    if augment is not None:
+        unsup = unsup.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(
+            unsup_size)
+
+    def mix(a, b):
+        images = tf.concat([a[0], b[0]], axis=0)
+        labels = tf.concat([a[1], b[1]], axis=0)
+        order = tf.random.shuffle(tf.range(batch_size), seed=seed)
+        return tf.gather(images, order), tf.gather(labels, order)
+
+    batches = tf.data.Dataset.zip((sup, unsup)).map(mix).take(math.ceil(num_labeled / batch_size))
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def _to_float(image, label):
@@ -163,9 +283,37 @@ def _tfds_splits(name, data_dir, validation_size, download):
     return train, validation, test, shape, num_classes, sizes
 
 
+def _check_options(classes, labeled_fraction, unsup_fraction):
+    if classes is not None:
+        if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                           for c in classes) or len(set(classes)) != len(classes)):
+            raise ValueError(f"classes must be a list of >= 2 distinct class indices; got "
+                             f"{classes!r}.")
+    if labeled_fraction is not None and not (isinstance(labeled_fraction, (int, float))
+                                             and 0 < labeled_fraction < 1):
+        raise ValueError(f"labeled_fraction must be None or a number in (0, 1); got "
+                         f"{labeled_fraction!r}.")
+    if not (isinstance(unsup_fraction, (int, float)) and 0 < unsup_fraction < 1):
+        raise ValueError(f"unsup_fraction must be a number in (0, 1); got {unsup_fraction!r}.")
+
+
+def _tfds_select(ds, classes, num_classes):
+    lookup = np.full(num_classes, -1, dtype="int32")
+    lookup[list(classes)] = np.arange(len(classes))
+    table = tf.constant(lookup)
+    ds = ds.filter(lambda x, y: tf.gather(table, tf.cast(y, tf.int32)) >= 0)
+    return ds.map(lambda x, y: (x, tf.gather(table, tf.cast(y, tf.int32))))
+
+
+def _count(ds):
+    return int(ds.reduce(0, lambda n, _: n + 1))
+
+
 @gin.configurable
 def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=None,
-                 augment=True, download=False, shuffle_buffer=10000, seed=0):
+                 augment=True, download=False, shuffle_buffer=10000, seed=0, classes=None,
+                 labeled_fraction=None, pseudo_labeled=None, unsup_fraction=0.5):
     """Loads dataset ``name`` as batched `tf.data` pipelines (see the module docstring).
 
     Args:
@@ -177,6 +325,13 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
       augment: apply the papers' training augmentation.
       download: let TFDS download when the dataset is missing (off by default: fails fast).
       shuffle_buffer, seed: training shuffle buffer and seed.
+      classes: keep only these classes, relabelled 0..k-1 in this order (all splits).
+      labeled_fraction: fraction of the training split kept labelled, in (0, 1); the rest is
+        returned as ``Data.unlabeled``.
+      pseudo_labeled: path of a pseudo-labelled ``.npz`` (`bin/pseudo_label`) to mix into the
+        training batches.
+      unsup_fraction: fraction of each training batch drawn from ``pseudo_labeled``, in (0, 1)
+        (RST: 0.5).
     """
     if name not in DATASETS:
         raise ValueError(f"dataset name must be one of {list(DATASETS)}; got {name!r}.")
@@ -186,17 +341,28 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
                                         or validation_size < 0):
         raise ValueError(f"validation_size must be None or an integer >= 0; got "
                          f"{validation_size!r}.")
+    _check_options(classes, labeled_fraction, unsup_fraction)
 
+    unlabeled = None
     if name == "digits":
         if validation_size not in (None, DIGITS_VALIDATION_SIZE):
             raise ValueError(
                 f"validation_size for digits is fixed at {DIGITS_VALIDATION_SIZE} (a documented "
                 f"split); got {validation_size}.")
         arrays = digits_arrays()
+        num_classes = 10
+        if classes is not None:
+            if max(classes) >= num_classes:
+                raise ValueError(f"classes must lie in [0, {num_classes}); got {classes!r}.")
+            arrays = {k: select_classes(*v, classes) for k, v in arrays.items()}
+            num_classes = len(classes)
+        if labeled_fraction is not None:
+            arrays["train"], unlabeled = split_labeled(*arrays["train"], labeled_fraction)
+            unlabeled = tf.data.Dataset.from_tensor_slices(unlabeled)
         for images, labels in arrays.values():
-            validate_arrays(images, labels, num_classes=10)
+            validate_arrays(images, labels, num_classes=num_classes)
         pipes = {split: tf.data.Dataset.from_tensor_slices(arr) for split, arr in arrays.items()}
-        shape, num_classes, kind = arrays["train"][0].shape[1:], 10, None
+        shape, kind = arrays["train"][0].shape[1:], None
         sizes = {split: len(arr[1]) for split, arr in arrays.items()}
     else:
         kind, default_val = TFDS_DATASETS[name]
@@ -205,6 +371,18 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
             name, data_dir, val, download)
         pipes = {"train": train.map(_to_float), "test": test.map(_to_float),
                  "validation": None if validation is None else validation.map(_to_float)}
+        if classes is not None:
+            if max(classes) >= num_classes:
+                raise ValueError(f"classes must lie in [0, {num_classes}); got {classes!r}.")
+            pipes = {k: None if v is None else _tfds_select(v, classes, num_classes)
+                     for k, v in pipes.items()}
+            sizes = {k: 0 if v is None else _count(v) for k, v in pipes.items()}
+            num_classes = len(classes)
+        if labeled_fraction is not None:
+            keep = int(sizes["train"] * labeled_fraction)
+            unlabeled = pipes["train"].skip(keep).map(lambda x, y: x)
+            pipes["train"] = pipes["train"].take(keep)
+            sizes["train"] = keep
 
     aug = augment_fn(kind, shape) if augment else None
     finished = {
@@ -212,6 +390,16 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
                                                shuffle_buffer)
         for split, ds in pipes.items()
     }
+    if unlabeled is not None:
+        sizes["unlabeled"] = _count(unlabeled)
+        unlabeled = unlabeled.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if pseudo_labeled is not None:
+        images, labels, _ = read_pseudo_labeled(pseudo_labeled, tuple(shape), num_classes)
+        finished["train"] = _mixed_batches(pipes["train"], images, labels, batch_size,
+                                           unsup_fraction, sizes["train"], aug, seed,
+                                           shuffle_buffer)
+        sizes["pseudo_labeled"] = len(labels)
     return Data(name=name, train=finished["train"], validation=finished["validation"],
                 test=finished["test"], image_shape=tuple(int(d) for d in shape),
-                num_classes=int(num_classes), sizes=sizes, batch_size=batch_size)
+                num_classes=int(num_classes), sizes=sizes, batch_size=batch_size,
+                unlabeled=unlabeled)

@@ -207,3 +207,41 @@ def build_model(name="digits_cnn", input_shape=None, num_classes=None):
     if name not in MODELS:
         raise ValueError(f"model name must be one of {sorted(MODELS)}; got {name!r}.")
     return MODELS[name](input_shape=input_shape, num_classes=num_classes)
+
+
+def transfer_weights(source, target):
+    """Copies every weight of ``source`` into ``target`` except the classification head.
+
+    Adversarial pre-training and fine-tuning (Hendrycks, Lee, Mazeika, "Using Pre-Training Can
+    Improve Model Robustness and Uncertainty", ICML 2019; official ``tune.py``): the pre-trained
+    network is loaded, its last (fully connected) layer is replaced by a fresh one for the new
+    class count, and all layers are then fine-tuned. Layers with weights are matched in order
+    (both models come from the same builder); the last such layer is the head and keeps
+    ``target``'s fresh initialisation. BatchNorm statistics are copied with the other weights.
+
+    Raises:
+      ValueError listing every mismatched layer or weight shape other than the head's.
+    """
+    src = [layer for layer in source.layers if layer.weights]
+    dst = [layer for layer in target.layers if layer.weights]
+    if len(src) != len(dst):
+        raise ValueError(
+            f"source and target models differ in structure: {len(src)} vs {len(dst)} layers "
+            f"with weights ({[l.name for l in src]} vs {[l.name for l in dst]}).")
+    mismatched = []
+    for s, d in zip(src[:-1], dst[:-1]):
+        if len(s.weights) != len(d.weights):
+            mismatched.append(f"{d.name}: {len(s.weights)} weights in the source, "
+                              f"{len(d.weights)} in the target")
+            continue
+        for ws, wd in zip(s.weights, d.weights):
+            if tuple(ws.shape) != tuple(wd.shape):
+                mismatched.append(f"{d.name}/{wd.name}: source {tuple(ws.shape)}, target "
+                                  f"{tuple(wd.shape)}")
+    if mismatched:
+        raise ValueError("cannot transfer weights; mismatched shapes outside the head:\n  "
+                         + "\n  ".join(mismatched))
+    for s, d in zip(src[:-1], dst[:-1]):
+        for ws, wd in zip(s.weights, d.weights):
+            wd.assign(ws)
+    return dst[-1].name

@@ -47,7 +47,8 @@ def _write_config_summary(log_dir, config_text):
 @gin.configurable(denylist=["model_dir"])
 def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimizer=None,
           learning_rate=1e-3, epochs=30, eval_attacks=None, strategy="mirrored", seed=0,
-          jit_compile=False, verbose=1, dry_run=False):
+          jit_compile=False, verbose=1, dry_run=False, validation_freq=1, early_stopping=None,
+          initial_weights=None):
     """Trains ``defense(base_model)`` and writes the artifacts listed in the module docstring.
 
     Args:
@@ -67,12 +68,25 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
       verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
       dry_run: build data, model, defense and attacks, then return them without training or
         writing anything (checks a configuration in seconds before a long run).
+      validation_freq: validate (clean and robust accuracy) every this many epochs.
+      early_stopping: a `tfadv.checkpoint.RobustEarlyStopping` (gin:
+        ``@RobustEarlyStopping()``): keeps ``best.keras``; ``model.keras`` and the report are
+        then the selected checkpoint's, with the last epoch's model in ``model_last.keras`` and
+        its results under ``report['last']``.
+      initial_weights: a trained model (model_dir or ``.keras``) whose weights, except the
+        classification head, initialise the model (adversarial fine-tuning, Hendrycks et al.
+        2019; see `tfadv.models.transfer_weights`).
 
     Returns:
       the report dict (also written to ``model_dir/report.json``); with ``dry_run`` a dict of
       the built objects (``data``, ``defense``, ``eval_attacks``).
     """
     _check_positive_int("epochs", epochs)
+    _check_positive_int("validation_freq", validation_freq)
+    if initial_weights is not None and not os.path.exists(initial_weights):
+        raise FileNotFoundError(
+            f"initial_weights {initial_weights!r} does not exist (train the source model first, "
+            "e.g. bin/train --gin_file=pretrain.gin).")
     if not (isinstance(defense, type) and issubclass(defense, keras.Model)):
         raise ValueError(f"defense must be a tfadv.defenses.Defense class; got {defense!r}.")
     if isinstance(model, str) and model not in models.MODELS:
@@ -91,6 +105,10 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         build = models.MODELS[model] if isinstance(model, str) else model
         base_model = build(input_shape=data.image_shape, num_classes=data.num_classes)
         evaluation.check_logits_model(base_model, data.image_shape)
+        if initial_weights is not None:
+            head = models.transfer_weights(evaluation.load_classifier(initial_weights),
+                                           base_model)
+            print(f"tfadv: initialised from {initial_weights} (new head: {head})")
         wrapped = defense(base_model)
         wrapped.check_schedule(epochs)  # e.g. an AWP warm-up longer than training
         lr = learning_rate(steps_per_epoch) if callable(learning_rate) else learning_rate
@@ -102,7 +120,8 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         return {"data": data, "defense": wrapped, "eval_attacks": dict(eval_attacks or {})}
 
     os.makedirs(model_dir, exist_ok=True)
-
+    if early_stopping is not None:
+        early_stopping.attach(model_dir, base_model)
     saver = ckpt.EpochCheckpoint(os.path.join(model_dir, "checkpoints"), base_model, opt)
     initial_epoch = saver.restore()
     if initial_epoch:
@@ -117,12 +136,23 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     history = {}
     if initial_epoch < epochs:
         callbacks = [saver, keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
+        if early_stopping is not None:
+            # First, so an epoch's best model is on disk before its checkpoint is.
+            callbacks.insert(0, early_stopping)
         fit = wrapped.fit(data.train, validation_data=data.validation, epochs=epochs,
                           initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
-                          shuffle=False)  # the pipeline shuffles
+                          shuffle=False, validation_freq=validation_freq)
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     train_seconds = time.perf_counter() - start
-
+    last = None
+    if early_stopping is not None and os.path.exists(early_stopping.best_path):
+        ckpt.atomic_save_model(base_model, os.path.join(model_dir, "model_last.keras"))
+        last = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
+                                   sanity=False, verbose=0)
+        best = keras.models.load_model(early_stopping.best_path)
+        base_model.set_weights(best.get_weights())
+        print(f"tfadv: selected the checkpoint of epoch {early_stopping.state['best_epoch']} "
+              f"({early_stopping.monitor} {early_stopping.state['best']:.4f})")
     ckpt.atomic_save_model(base_model, os.path.join(model_dir, "model.keras"))
     # The operative config is complete only once every configurable has been called.
     config_text = gin.operative_config_str()
@@ -141,6 +171,14 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         **{k: v for k, v in result.items() if k != "per_example"},
         "history": history,
     }
+    if last is not None:
+        state = early_stopping.state
+        report["early_stopping"] = {
+            "monitor": early_stopping.monitor, "selected_epoch": state["best_epoch"],
+            "selected_value": state["best"], "stopped_epoch": state["stopped_epoch"],
+            "validation_freq": validation_freq}
+        report["last"] = {k: last[k] for k in ("clean_accuracy", "robust_accuracy",
+                                               "worst_case_accuracy") if k in last}
     ckpt.atomic_write_text(os.path.join(model_dir, "report.json"),
                            json.dumps(report, indent=2) + "\n")
     print(evaluation.format_table(result))

@@ -8,7 +8,8 @@ from tfadv.defenses.awp import AWP
 from tfadv.defenses.base import Defense, ModelState
 from tfadv.defenses.mart import MART
 from tfadv.defenses.pgd_at import PGDAdversarialTraining, StandardTraining
+from tfadv.defenses.stability import StabilityTraining
 from tfadv.defenses.trades import TRADES
 
 __all__ = ["ALP", "AWP", "Defense", "MART", "ModelState", "PGDAdversarialTraining",
-           "StandardTraining", "TRADES"]
+           "StabilityTraining", "StandardTraining", "TRADES"]
