@@ -64,3 +64,23 @@ def run_bin(tool, *args, timeout=600):
     env.pop("TF_CONFIG", None)
     return subprocess.run([sys.executable, os.path.join(ROOT, "bin", tool), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def linear_model(weights, bias=None):
+    """A Keras model with logits = flatten(x) @ weights (+ bias) for images of shape
+    (1, n, 1), n = weights.shape[0]: the tiny model of the closed-form tests."""
+    inputs = keras.Input((1, weights.shape[0], 1))
+    dense = keras.layers.Dense(weights.shape[1], use_bias=bias is not None)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([weights] if bias is None else [weights, bias])
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+    """Each test starts without gin bindings (a parsed paper config would otherwise reach the
+    gin-configurable `load_dataset` of later tests)."""
+    yield
+    import gin
+
+    gin.clear_config()

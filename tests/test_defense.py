@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import linear_model
 from tfadv import models
 from tfadv.attacks import PGD
 from tfadv.defenses import PGDAdversarialTraining, StandardTraining
 
 
-def _linear(weights):
-    inputs = keras.Input((1, 3, 1))
-    dense = keras.layers.Dense(weights.shape[1], use_bias=False)
-    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
-    dense.set_weights([weights])
-    return model
+_linear = linear_model
 
 
 def _softmax(z):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_bin
+from conftest import linear_model, run_bin
 from tfadv.attacks import PGD, kl_divergence
 from tfadv.defenses import (ALP, AWP, MART, TRADES, ModelState, PGDAdversarialTraining,
                             StandardTraining)
@@ -20,13 +20,7 @@ def _softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _linear(weights, bias=None):
-    """Logits = flatten(x) @ weights (+ bias) for images of shape (1, 3, 1)."""
-    inputs = keras.Input((1, 3, 1))
-    dense = keras.layers.Dense(weights.shape[1], use_bias=bias is not None)
-    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
-    dense.set_weights([weights] if bias is None else [weights, bias])
-    return model
+_linear = linear_model
 
 
 W = np.array([[1.0, -2.0, 0.5], [0.5, 0.0, -1.0], [-1.0, 3.0, 0.2]], dtype="float32")

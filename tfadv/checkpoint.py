@@ -106,7 +106,7 @@ class RobustEarlyStopping(keras.callbacks.Callback):
         self.state = {"best": None, "best_epoch": None, "wait": 0, "stopped_epoch": None}
         self._writer = None
 
-    def attach(self, model_dir, base_model):
+    def attach(self, model_dir, base_model, data=None):
         """Sets where the best model and the state go; restores the state of a resumed run."""
         self.model_dir = model_dir
         self.base_model = base_model

@@ -29,6 +29,7 @@ def _import_configurables():
     import tfadv.defenses  # noqa: F401
     import tfadv.distribute  # noqa: F401
     import tfadv.evaluation  # noqa: F401
+    import tfadv.heads  # noqa: F401
     import tfadv.models  # noqa: F401
     import tfadv.schedules  # noqa: F401
     import tfadv.train  # noqa: F401

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tfadv import heads  # noqa: F401  (registers the head layers for keras.models.load_model)
 from tfadv.attacks import PGD, parse_norm
 from tfadv.attacks.pgd import norm_name
 

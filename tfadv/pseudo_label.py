@@ -10,7 +10,8 @@ Unlabelled sources (``source``):
 
 - ``'split'``: the unlabelled part of the configured labelled/unlabelled split
   (``load_dataset.labeled_fraction``), e.g. digits with 20% of the training labels kept;
-- ``'tfds:NAME:SPLIT'``: the images of a TFDS split, labels ignored (e.g. ``tfds:svhn_cropped:extra``);
+- ``'tfds:NAME:SPLIT'``: the images of a TFDS split, labels ignored (e.g.
+  ``tfds:svhn_cropped:extra``);
 - a ``.npz`` path holding an ``images`` array (how users bring the 500K TinyImages set), uint8
   0..255 or floats in [0, 1].
 """

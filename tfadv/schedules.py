@@ -46,3 +46,36 @@ class Cosine:
     def __call__(self, steps_per_epoch):
         return keras.optimizers.schedules.CosineDecay(
             self.initial, int(self.epochs * steps_per_epoch), alpha=self.alpha)
+
+
+class _TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    def __init__(self, peak, peak_step, total_steps):
+        self.peak, self.peak_step, self.total_steps = peak, peak_step, total_steps
+
+    def __call__(self, step):
+        import tensorflow as tf
+
+        step = tf.cast(step, tf.float32)
+        up = step / max(self.peak_step, 1)
+        down = (self.total_steps - step) / max(self.total_steps - self.peak_step, 1)
+        return self.peak * tf.clip_by_value(tf.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self):
+        return {"peak": self.peak, "peak_step": self.peak_step, "total_steps": self.total_steps}
+
+
+@gin.configurable
+class Triangular:
+    """Cyclic (one-cycle, triangular) learning rate of Wong et al. 2020 (``lr_schedule`` in
+    locuslab/fast_adversarial): linear from 0 to ``peak`` over the first ``peak_fraction`` of
+    ``epochs`` epochs, then linear back to 0 at the end."""
+
+    def __init__(self, peak=0.2, epochs=15, peak_fraction=0.4):
+        if peak <= 0 or epochs <= 0 or not 0 < peak_fraction < 1:
+            raise ValueError(f"peak and epochs must be > 0 and peak_fraction in (0, 1); got "
+                             f"{peak}, {epochs}, {peak_fraction}.")
+        self.peak, self.epochs, self.peak_fraction = peak, epochs, peak_fraction
+
+    def __call__(self, steps_per_epoch):
+        total = int(self.epochs * steps_per_epoch)
+        return _TriangularSchedule(self.peak, int(self.peak_fraction * total), total)

@@ -48,7 +48,7 @@ def _write_config_summary(log_dir, config_text):
 def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimizer=None,
           learning_rate=1e-3, epochs=30, eval_attacks=None, strategy="mirrored", seed=0,
           jit_compile=False, verbose=1, dry_run=False, validation_freq=1, early_stopping=None,
-          initial_weights=None):
+          initial_weights=None, callbacks=()):
     """Trains ``defense(base_model)`` and writes the artifacts listed in the module docstring.
 
     Args:
@@ -76,6 +76,8 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
       initial_weights: a trained model (model_dir or ``.keras``) whose weights, except the
         classification head, initialise the model (adversarial fine-tuning, Hendrycks et al.
         2019; see `tfadv.models.transfer_weights`).
+      callbacks: more Keras callbacks (gin: ``[@CatastrophicOverfittingMonitor()]``); those
+        with an ``attach(model_dir, base_model, data)`` method get it called before training.
 
     Returns:
       the report dict (also written to ``model_dir/report.json``); with ``dry_run`` a dict of
@@ -120,8 +122,9 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         return {"data": data, "defense": wrapped, "eval_attacks": dict(eval_attacks or {})}
 
     os.makedirs(model_dir, exist_ok=True)
-    if early_stopping is not None:
-        early_stopping.attach(model_dir, base_model)
+    for callback in [early_stopping, *callbacks]:
+        if callback is not None and hasattr(callback, "attach"):
+            callback.attach(model_dir, base_model, data)
     saver = ckpt.EpochCheckpoint(os.path.join(model_dir, "checkpoints"), base_model, opt)
     initial_epoch = saver.restore()
     if initial_epoch:
@@ -135,12 +138,12 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     start = time.perf_counter()
     history = {}
     if initial_epoch < epochs:
-        callbacks = [saver, keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
-        if early_stopping is not None:
-            # First, so an epoch's best model is on disk before its checkpoint is.
-            callbacks.insert(0, early_stopping)
+        # Early stopping first, so an epoch's best model is on disk before its checkpoint is.
+        every = [early_stopping] if early_stopping is not None else []
+        every += [*callbacks, saver,
+                  keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
         fit = wrapped.fit(data.train, validation_data=data.validation, epochs=epochs,
-                          initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose,
+                          initial_epoch=initial_epoch, callbacks=every, verbose=verbose,
                           shuffle=False, validation_freq=validation_freq)
         history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
     train_seconds = time.perf_counter() - start

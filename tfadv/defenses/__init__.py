@@ -6,10 +6,15 @@ objective (`Defense.prepare` + `Defense.objective`; the shared `train_step` is i
 from tfadv.defenses.alp import ALP
 from tfadv.defenses.awp import AWP
 from tfadv.defenses.base import Defense, ModelState
+from tfadv.defenses.fast import CatastrophicOverfittingMonitor, FreeAdversarialTraining
+from tfadv.defenses.feature_scatter import FeatureScatterAttack, FeatureScattering
 from tfadv.defenses.mart import MART
+from tfadv.defenses.mmc import MMC, RandomTargetPGD
 from tfadv.defenses.pgd_at import PGDAdversarialTraining, StandardTraining
 from tfadv.defenses.stability import StabilityTraining
 from tfadv.defenses.trades import TRADES
 
-__all__ = ["ALP", "AWP", "Defense", "MART", "ModelState", "PGDAdversarialTraining",
-           "StabilityTraining", "StandardTraining", "TRADES"]
+__all__ = ["ALP", "AWP", "CatastrophicOverfittingMonitor", "Defense", "FeatureScatterAttack",
+           "FeatureScattering", "FreeAdversarialTraining", "MART", "MMC", "ModelState",
+           "PGDAdversarialTraining", "RandomTargetPGD", "StabilityTraining", "StandardTraining",
+           "TRADES"]

@@ -22,13 +22,13 @@ from tfadv.attacks import cross_entropy
 from tfadv.defenses.paired import PairedLossDefense
 
 
-def alp_loss(y, clean_logits, adv_logits, beta):
-    """Per-example ALP loss (module docstring), in float32."""
+def alp_loss(y, clean_logits, adv_logits, beta, ce=cross_entropy):
+    """Per-example ALP loss (module docstring), in float32 (``ce``: the cross-entropy, e.g. with
+    the HE margin, as ALP+HE in the official HE code)."""
     clean_logits = tf.cast(clean_logits, tf.float32)
     adv_logits = tf.cast(adv_logits, tf.float32)
     pairing = tf.reduce_mean(tf.square(clean_logits - adv_logits), axis=-1)
-    return (0.5 * cross_entropy(y, clean_logits) + 0.5 * cross_entropy(y, adv_logits)
-            + beta * pairing)
+    return 0.5 * ce(y, clean_logits) + 0.5 * ce(y, adv_logits) + beta * pairing
 
 
 @gin.configurable(denylist=["base_model"])
@@ -42,6 +42,7 @@ class ALP(PairedLossDefense):
         0.001 Gaussian start, eval mode).
       eval_attack: attack behind ``robust_accuracy`` (default: ``attack``).
       awp: optional `tfadv.defenses.AWP`.
+      margin: Hypersphere Embedding margin (ALP+HE, Pang et al. 2020; see `Defense`).
     """
 
     def __init__(self, base_model, beta=1.0, attack=None, eval_attack=None, awp=None, **kwargs):
@@ -49,4 +50,4 @@ class ALP(PairedLossDefense):
                          **kwargs)
 
     def paired_loss(self, y, clean_logits, adv_logits):
-        return alp_loss(y, clean_logits, adv_logits, self.beta)
+        return alp_loss(y, clean_logits, adv_logits, self.beta, self.classification_loss)

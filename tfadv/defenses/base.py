@@ -95,6 +95,21 @@ class ModelState:
                 variable.assign(value)
 
 
+def _logit_margin(base_model, margin):
+    """s * m for the HE margin m of a model whose head is a `HypersphereHead` of scale s."""
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 2:
+        raise ValueError(f"margin must be a number in [0, 2) (cosine units); got {margin!r}.")
+    if not margin:
+        return 0.0
+    heads = [layer for layer in base_model._flatten_layers()
+             if type(layer).__name__ == "HypersphereHead"]
+    if not heads:
+        raise ValueError(
+            "margin (Hypersphere Embedding) needs a base model whose logits are s * cos(theta) "
+            "from tfadv.heads.HypersphereHead (gin: train.model = @he_model).")
+    return float(heads[-1].scale * margin)
+
+
 class _AWPWarmup(keras.callbacks.Callback):
     """Switches AWP on at ``awp.warmup_epochs`` (rebuilding the train function once)."""
 
@@ -119,14 +134,20 @@ class Defense(keras.Model):
         ``attack``.
       awp: an `tfadv.defenses.AWP` to train against adversarial weight perturbations too (only
         defenses with ``supports_awp``).
+      margin: the Hypersphere Embedding angular margin m (Pang et al. 2020), in cosine units;
+        needs a base model ending in `tfadv.heads.HypersphereHead` (logits s * cos(theta)). The
+        training cross-entropy then uses s * (cos(theta_y) - m) for the true class; attacks and
+        evaluation never see the margin (see `classification_loss`).
     """
 
     supports_awp = True
 
-    def __init__(self, base_model, attack=None, eval_attack=None, awp=None, **kwargs):
+    def __init__(self, base_model, attack=None, eval_attack=None, awp=None, margin=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         if not isinstance(base_model, keras.Model):
             raise TypeError(f"base_model must be a keras.Model; got {type(base_model).__name__}.")
+        self.logit_margin = _logit_margin(base_model, margin)
         if awp is not None:
             if not self.supports_awp:
                 raise ValueError(
@@ -166,6 +187,20 @@ class Defense(keras.Model):
                 "loss= or metrics=."
             )
         super().compile(optimizer=optimizer, **kwargs)
+
+    def classification_loss(self, y, logits):
+        """Per-example training cross-entropy: plain, or with the HE margin (``margin``),
+
+            -log( e^{s(cos theta_y - m)} / (e^{s(cos theta_y - m)} + sum_{j != y} e^{s cos theta_j}) )
+
+        (Pang et al. 2020, eq. 7; official ``he.py``), i.e. the logit of the true class lowered by
+        s * m. Use it for every cross-entropy of a training objective; attacks use plain
+        cross-entropy (the official code attacks with m = 0)."""
+        if not self.logit_margin:
+            return cross_entropy(y, logits)
+        logits = tf.cast(logits, tf.float32)
+        onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits)[-1])
+        return cross_entropy(y, logits - self.logit_margin * onehot)
 
     # --- what subclasses define -----------------------------------------------------------
     def prepare(self, x, y):
@@ -224,10 +259,15 @@ class Defense(keras.Model):
         self.loss_tracker.update_state(replica_loss * num_replicas(), sample_weight=batch)
 
     # --- evaluation -----------------------------------------------------------------------
+    def evaluation_loss(self, y, logits):
+        """Per-example loss logged as the validation ``loss`` (default: cross-entropy)."""
+        return cross_entropy(y, logits)
+
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         logits = self.base_model(x, training=False)
-        loss = replica_mean(cross_entropy(y, logits), sample_weight) + self.regularization_loss()
+        loss = (replica_mean(self.evaluation_loss(y, logits), sample_weight)
+                + self.regularization_loss())
         self.track_loss(loss, x)
         self.clean_accuracy.update_state(y, logits, sample_weight=sample_weight)
         results = {"loss": self.loss_tracker.result(), "accuracy": self.clean_accuracy.result()}

@@ -11,7 +11,7 @@ what the attack ascends.
 
 import math
 
-from tfadv.attacks import PGD, cross_entropy
+from tfadv.attacks import PGD
 from tfadv.defenses.base import Defense, replica_mean
 
 
@@ -46,7 +46,8 @@ class PairedLossDefense(Defense):
         return PGD(eps=0.3, step_size=0.01, steps=40, random_start="normal", init_scale=0.001)
 
     def paired_loss(self, y, clean_logits, adv_logits):
-        """Per-example loss from the labels and the clean and adversarial logits."""
+        """Per-example loss from the labels and the clean and adversarial logits; its
+        cross-entropy terms use `classification_loss` (so the HE margin applies)."""
         raise NotImplementedError
 
     def prepare(self, x, y):
@@ -55,7 +56,7 @@ class PairedLossDefense(Defense):
     def objective(self, state, x, y, sample_weight, x_adv):
         clean_logits = state(x, training=True)
         if x_adv is None:  # nothing to pair with (TRADES with beta = 0): clean training
-            return replica_mean(cross_entropy(y, clean_logits), sample_weight), {
+            return replica_mean(self.classification_loss(y, clean_logits), sample_weight), {
                 "clean": clean_logits}
         adv_logits = state(x_adv, training=True)
         loss = replica_mean(self.paired_loss(y, clean_logits, adv_logits), sample_weight)

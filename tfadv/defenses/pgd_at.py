@@ -19,7 +19,7 @@ tfadv default is eval mode, which the issue asks to be explicit).
 
 import gin
 
-from tfadv.attacks import PGD, cross_entropy
+from tfadv.attacks import PGD
 from tfadv.defenses.base import Defense, replica_mean
 
 
@@ -45,6 +45,7 @@ class PGDAdversarialTraining(Defense):
         random start: the paper's MNIST setting).
       eval_attack: attack behind ``robust_accuracy`` in `evaluate` (default: ``attack``).
       awp: optional `tfadv.defenses.AWP` (AT-AWP, Wu et al. 2020).
+      margin: Hypersphere Embedding margin (PGD-AT+HE, Pang et al. 2020; see `Defense`).
     """
 
     def __init__(self, base_model, attack=None, eval_attack=None, awp=None, **kwargs):
@@ -58,7 +59,7 @@ class PGDAdversarialTraining(Defense):
 
     def objective(self, state, x, y, sample_weight, x_adv):
         logits = state(x_adv, training=True)
-        return replica_mean(cross_entropy(y, logits), sample_weight), {"adv": logits}
+        return replica_mean(self.classification_loss(y, logits), sample_weight), {"adv": logits}
 
 
 @gin.configurable(denylist=["base_model"])
@@ -74,4 +75,5 @@ class StandardTraining(Defense):
 
     def objective(self, state, x, y, sample_weight, batch):
         logits = state(x, training=True)
-        return replica_mean(cross_entropy(y, logits), sample_weight), {"clean": logits}
+        return replica_mean(self.classification_loss(y, logits), sample_weight), {
+            "clean": logits}

@@ -33,11 +33,11 @@ from tfadv.attacks import PGD, cross_entropy, kl_divergence
 from tfadv.defenses.paired import PairedLossDefense, label_attack_like
 
 
-def trades_loss(y, clean_logits, adv_logits, beta):
-    """Per-example TRADES loss CE(f(x), y) + beta * KL(p(x) || p(x')), in float32."""
+def trades_loss(y, clean_logits, adv_logits, beta, ce=cross_entropy):
+    """Per-example TRADES loss CE(f(x), y) + beta * KL(p(x) || p(x')), in float32 (``ce``: the
+    cross-entropy, e.g. with the HE margin; the KL is always on the plain softmax)."""
     clean_logits = tf.cast(clean_logits, tf.float32)
-    return (cross_entropy(y, clean_logits)
-            + beta * kl_divergence(tf.nn.softmax(clean_logits), adv_logits))
+    return ce(y, clean_logits) + beta * kl_divergence(tf.nn.softmax(clean_logits), adv_logits)
 
 
 @gin.configurable(denylist=["base_model"])
@@ -62,6 +62,7 @@ class TRADES(PairedLossDefense):
       eval_attack: attack behind ``robust_accuracy`` (default: a cross-entropy PGD with the
         training attack's budget and a uniform start).
       awp: optional `tfadv.defenses.AWP` (TRADES-AWP, Wu et al. 2020).
+      margin: Hypersphere Embedding margin (TRADES+HE, Pang et al. 2020; see `Defense`).
     """
 
     def __init__(self, base_model, beta=6.0, attack=None, eval_attack=None, awp=None, **kwargs):
@@ -88,4 +89,4 @@ class TRADES(PairedLossDefense):
         return self.attack(self.base_model, x, clean_probs)
 
     def paired_loss(self, y, clean_logits, adv_logits):
-        return trades_loss(y, clean_logits, adv_logits, self.beta)
+        return trades_loss(y, clean_logits, adv_logits, self.beta, self.classification_loss)
