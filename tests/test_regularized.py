@@ -378,9 +378,10 @@ def test_bin_train_rejects_a_warmup_longer_than_training_before_writing(tmp_path
 
 
 def test_bin_train_awp_gin_writes_the_pgd_at_artifacts(tmp_path):
-    """The user's example command, shortened to 2 epochs."""
+    """The user's example command, shortened to 2 epochs (AWP from the second)."""
     model_dir = tmp_path / "awp"
     proc = _bin_train(model_dir, "awp.gin", ["train.epochs = 2", "train.verbose = 2",
+                                             "AWP.warmup_epochs = 1",
                                              "test_attack/PGD.steps = 5"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
