@@ -1,5 +1,5 @@
 """Acceptance on the embedded digits: the shipped configs, run exactly as the README runs them,
-then evaluated by bin/evaluate with its default attacks (FGSM, PGD-20, AutoAttack).
+then attacked by bin/evaluate with PGD-20 and AutoAttack on the first 100-120 test digits.
 
 - PGD-AT (gin/pgd_at.gin): clean accuracy >= 94% and PGD-40 robust accuracy >= 45% at L-inf
   eps = 0.3 on the test split; the AutoAttack ensemble's robust accuracy <= PGD-20's.
@@ -27,10 +27,13 @@ def _train(gin_file, model_dir):
         return json.load(f)
 
 
-def _evaluate(model_dir):
+def _evaluate(model_dir, max_examples):
+    # The sanity checks already ran in bin/train's report; here the attacks alone, on a prefix of
+    # the test split (AutoAttack costs about 0.35 s per digit on 2 cores).
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bin", "evaluate"), f"--model={model_dir}",
-         "--eps=0.3"], capture_output=True, text=True, timeout=1200, env=ENV)
+         "--eps=0.3", "--attacks=pgd20,autoattack", "--sanity=false",
+         f"--max_examples={max_examples}"], capture_output=True, text=True, timeout=1200, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(model_dir, "eval", "eval.json")) as f:
         return json.load(f)
@@ -63,9 +66,8 @@ def test_standard_training_baseline_is_not_robust(standard_run):
 
 
 def test_autoattack_is_at_least_as_strong_as_pgd20_on_the_robust_model(pgd_at_run):
-    model_dir, report = pgd_at_run
-    result = _evaluate(model_dir)
-    assert result["clean_accuracy"] == pytest.approx(report["clean_accuracy"])
+    model_dir, _ = pgd_at_run
+    result = _evaluate(model_dir, max_examples=120)
     assert result["robust_accuracy"]["autoattack"] <= result["robust_accuracy"]["pgd20"]
     assert result["worst_case_accuracy"] <= result["robust_accuracy"]["autoattack"]
     assert result["robust_accuracy"]["autoattack"] > 0.3  # PGD-AT is robust, not broken
@@ -73,5 +75,5 @@ def test_autoattack_is_at_least_as_strong_as_pgd20_on_the_robust_model(pgd_at_ru
 
 def test_autoattack_breaks_the_standard_model(standard_run):
     model_dir, _ = standard_run
-    result = _evaluate(model_dir)
+    result = _evaluate(model_dir, max_examples=100)
     assert result["robust_accuracy"]["autoattack"] <= 0.01

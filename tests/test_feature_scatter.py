@@ -421,9 +421,13 @@ def test_two_replicas_train_with_per_replica_plans(two_replicas):
     base.set_weights(initial)
     attack = _attack_for_replicas()
     starts = [attack.initial_point(tf.constant(x[:8])), attack.initial_point(tf.constant(x[8:]))]
-    per_half = np.concatenate([attack.ascend(base, x[:8], starts[0]).numpy(),
-                               attack.ascend(base, x[8:], starts[1]).numpy()])
-    joint = attack.ascend(base, x, tf.concat(starts, 0)).numpy()
+
+    def ascend(images, start):
+        images = tf.constant(images)
+        return attack.ascend(base, images, attack.targets(base, images), start).numpy()
+
+    per_half = np.concatenate([ascend(x[:8], starts[0]), ascend(x[8:], starts[1])])
+    joint = ascend(x, tf.concat(starts, 0))
     assert np.mean(np.abs(per_half - joint) > 0.1) > 0.05  # sign flips: 2 eps apart
 
 

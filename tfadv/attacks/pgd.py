@@ -160,6 +160,28 @@ class PGD(Attack):
         grad = tape.gradient(total, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return logits, losses, grad
 
+    def ascend(self, model, x, labels, start):
+        """The last iterate of ``steps`` ascent steps from ``start`` (no restart, no selection):
+        the loop every PGD-based attack runs."""
+        return self._loop(model, x, labels, start, (), None)[0]
+
+    def _loop(self, model, x, labels, start, state, update):
+        """``steps`` steps from ``start``; ``update(state, x_t, logits_t, losses_t)`` (if given)
+        folds every iterate into ``state``. Returns (last iterate, state)."""
+        def step(i, x_adv, *state):
+            logits, losses, grad = self._loss_and_grad(model, x_adv, labels)
+            if update is not None:
+                state = update(state, x_adv, logits, losses)
+            x_adv = x_adv + optimize_linear(grad, self.step_size, self.norm)
+            x_adv = project(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
+            return (i + 1, x_adv, *state)
+
+        # An explicit while loop (not autograph): Keras traces train_step without converting
+        # this module, and a Python loop would unroll `steps` model copies.
+        _, x_adv, *state = tf.while_loop(lambda i, *_: i < self.steps, step,
+                                         (tf.constant(0), start, *state))
+        return x_adv, tuple(state)
+
     def _attack(self, model, x, labels):
         if self.training and tf.distribute.get_strategy().num_replicas_in_sync > 1 and any(
                 getattr(layer, "synchronized", False) for layer in model._flatten_layers()):
@@ -184,23 +206,12 @@ class PGD(Attack):
                     tf.where(better, losses, best_loss))
 
         for restart in range(self.restarts):
-            def step(i, x_adv, *best_state):
-                logits, losses, grad = self._loss_and_grad(model, x_adv, labels)
-                if track_every:
-                    best_state = update(best_state, x_adv, logits, losses)
-                x_adv = x_adv + optimize_linear(grad, self.step_size, self.norm)
-                x_adv = project(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
-                return (i + 1, x_adv, *best_state)
-
-            # An explicit while loop (not autograph): Keras traces train_step without
-            # converting this module, and a Python loop would unroll `steps` model copies.
-            _, x_adv, *state = tf.while_loop(
-                lambda i, *_: i < self.steps, step,
-                (tf.constant(0), self.initial_point(x, restart), *best))
+            x_adv, state = self._loop(model, x, labels, self.initial_point(x, restart),
+                                      best, update if track_every else None)
             if self.select == "last":
                 return x_adv
             logits = model(x_adv, training=self.training)
-            best = update(tuple(state), x_adv, logits,
+            best = update(state, x_adv, logits,
                           tf.cast(self.loss_fn(labels, logits), tf.float32))
         return best[0]
 

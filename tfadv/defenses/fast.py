@@ -84,6 +84,9 @@ class FreeAdversarialTraining(Defense):
             raise ValueError(f"{message} ({x.shape[0]}).")
         tf.debugging.assert_less_equal(n, self.delta.shape[0], message=message)
         variables = self.base_model.trainable_variables
+        # A Python loop, unrolled `replays` times in the graph, not a tf.while_loop: each replay
+        # is an optimizer step, and Keras' optimizer aggregates gradients across replicas with
+        # a merge_call, which tf.distribute does not allow inside a while loop's body.
         for _ in range(self.replays):
             delta = self.delta[:n]
             with tf.GradientTape() as tape:

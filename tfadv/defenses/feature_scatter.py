@@ -61,12 +61,10 @@ import numbers
 
 import gin
 import tensorflow as tf
-from cleverhans.tf2.utils import optimize_linear
-
-from tfadv.attacks.base import Attack, check_number
-from tfadv.attacks.pgd import PGD, norm_name, parse_norm, project, random_in_ball
+from tfadv.attacks.base import check_number
+from tfadv.attacks.pgd import PGD, norm_name, random_in_ball
 from tfadv.defenses.base import Defense, replica_mean
-from tfadv.ot import sinkhorn_distance
+from tfadv.ot import cosine_cost, sinkhorn
 
 _EIGHT_OVER_255 = 8.0 / 255.0
 
@@ -105,10 +103,19 @@ def feature_scatter_loss(labels, logits, ls_factor):
     return soft_cross_entropy(targets, logits)
 
 
+def transport_losses(clean_logits, adv_logits, reg=0.01, max_iter=100, tol=0.1):
+    """Each perturbed example's share of the OT distance, sum_i T_ij C_ij for column j, so the
+    shares sum to D = sum_ij T_ij C_ij (`tfadv.ot.sinkhorn_distance`). The shares are coupled
+    through the plan T: only their sum is a loss on its own, which is what PGD ascends."""
+    cost = cosine_cost(tf.cast(clean_logits, tf.float32), tf.cast(adv_logits, tf.float32))
+    return tf.reduce_sum(sinkhorn(cost, reg, max_iter, tol) * cost, axis=0)
+
+
 @gin.configurable
-class FeatureScatterAttack(Attack):
-    """The Feature Scattering attack: ascends the OT distance between the logits of the clean and
-    the perturbed batch (see module docstring). Labels are accepted and ignored.
+class FeatureScatterAttack(PGD):
+    """The Feature Scattering attack: tfadv's PGD loop ascending the OT distance between the
+    logits of the clean and the perturbed batch (see module docstring). The clean logits take
+    the place of the labels, which are accepted and ignored.
 
     Args:
       eps: radius of the threat model, [0, 1] pixel units (>= 0). Default 8/255 (the paper's
@@ -125,64 +132,46 @@ class FeatureScatterAttack(Attack):
       seed: seed of the uniform start; ``None`` draws fresh noise on each call.
     """
 
-    # Not a label loss: code that inspects ``attack.loss_fn`` (e.g. to pick KL targets) sees none.
-    loss_fn = None
-    training = False  # BatchNorm in eval mode during the attack (official: aux_net.eval())
-
     def __init__(self, eps=_EIGHT_OVER_255, step_size=None, steps=1, norm="linf",
                  sinkhorn_reg=0.01, sinkhorn_iters=100, sinkhorn_tol=0.1, clip_min=0.0,
                  clip_max=1.0, seed=None):
-        super().__init__(clip_min=clip_min, clip_max=clip_max, seed=seed)
         check_number("eps", eps, 0.0, strict=False)
-        if step_size is None:
-            step_size = eps
-        check_number("step_size", step_size, 0.0, strict=True)
-        check_number("steps", steps, 1, strict=False, integer=True)
         check_number("sinkhorn_reg", sinkhorn_reg, 0.0, strict=True)
         check_number("sinkhorn_iters", sinkhorn_iters, 1, strict=False, integer=True)
         check_number("sinkhorn_tol", sinkhorn_tol, 0.0, strict=False)
-        self.eps = float(eps)
-        self.step_size = float(step_size)
-        self.steps = int(steps)
-        self.norm = parse_norm(norm)
         self.sinkhorn_reg = float(sinkhorn_reg)
         self.sinkhorn_iters = int(sinkhorn_iters)
         self.sinkhorn_tol = float(sinkhorn_tol)
+        # training=False: BatchNorm in eval mode during the attack (official: aux_net.eval()).
+        super().__init__(eps=eps, step_size=eps if step_size is None else step_size,
+                         steps=steps, norm=norm, random_start="uniform",
+                         loss_fn=self._transport_losses, training=False, clip_min=clip_min,
+                         clip_max=clip_max, seed=seed)
 
     def __repr__(self):
         return (f"FeatureScatterAttack(eps={self.eps:g}, step_size={self.step_size:g}, "
                 f"steps={self.steps}, norm={norm_name(self.norm)})")
 
+    def _transport_losses(self, clean_logits, adv_logits):
+        return transport_losses(clean_logits, adv_logits, self.sinkhorn_reg,
+                                self.sinkhorn_iters, self.sinkhorn_tol)
+
     def distance(self, clean_logits, adv_logits):
         """The OT loss D = sum_ij T_ij C_ij between the two batches of logits (float32)."""
-        return sinkhorn_distance(tf.cast(clean_logits, tf.float32),
-                                 tf.cast(adv_logits, tf.float32), self.sinkhorn_reg,
-                                 self.sinkhorn_iters, self.sinkhorn_tol)
+        return tf.reduce_sum(self._transport_losses(clean_logits, adv_logits))
 
-    def initial_point(self, x):
-        """x + U(-eps, eps) (L-inf) or a uniform point of the L2 ball; not clipped (official)."""
-        return x + random_in_ball(tf.shape(x), self.norm, self.eps, self.seed_tensor(0))
+    def targets(self, model, x):
+        """What the loop compares against: the clean logits, in eval mode, as constants."""
+        return tf.stop_gradient(model(x, training=False))
 
-    def ascend(self, model, x, start):
-        """``steps`` ascent steps on the OT distance from ``start`` (each: a sign step of size
-        ``step_size``, then the projection on the eps-ball and the image box)."""
-        clean_logits = tf.stop_gradient(model(x, training=False))
-
-        def step(i, x_adv):
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                loss = self.distance(clean_logits, model(x_adv, training=False))
-            grad = tape.gradient(loss, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            x_adv = x_adv + optimize_linear(grad, self.step_size, self.norm)
-            return i + 1, project(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
-
-        # An explicit while loop: autograph is off (see tfadv.attacks.base).
-        _, x_adv = tf.while_loop(lambda i, _: i < self.steps, step, (tf.constant(0), start))
-        return x_adv
+    def initial_point(self, x, restart=0):
+        """x + U(-eps, eps) (L-inf) or a uniform point of the L2 ball; unlike PGD's start it is
+        not clipped to the image box (official)."""
+        return x + random_in_ball(tf.shape(x), self.norm, self.eps, self.seed_tensor(restart))
 
     def _attack(self, model, x, labels):
         del labels  # unsupervised: the official attack never reads the labels
-        return self.ascend(model, x, self.initial_point(x))
+        return self.ascend(model, x, self.targets(model, x), self.initial_point(x))
 
 
 def official_eval_attack(attack):

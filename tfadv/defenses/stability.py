@@ -38,7 +38,6 @@ class StabilityTraining(PairedLossDefense):
             raise ValueError(f"sigma must be a finite number > 0; got {sigma!r}.")
         super().__init__(base_model, beta, attack=None, eval_attack=eval_attack, **kwargs)
         self.sigma = float(sigma)
-        self.eval_attack = eval_attack
 
     def default_attack(self):
         return None
