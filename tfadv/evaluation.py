@@ -55,9 +55,14 @@ def load_classifier(path):
     """Loads a classifier from a `bin/train` model_dir, a ``.keras`` file or a SavedModel.
 
     A SavedModel is wrapped in a Keras model calling its ``serving_default`` signature; when the
-    signature returns several outputs, the one named ``logits`` is used."""
+    signature returns several outputs, the one named ``logits`` is used. A TF Serving base
+    directory (``model_name/<version>/``, as `tfadv.export` writes) means its highest version."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.keras")):
         path = os.path.join(path, "model.keras")
+    elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "saved_model.pb")):
+        from tfadv.export import latest_version_dir
+
+        path = latest_version_dir(path) or path
     if path.endswith(".keras") and os.path.isfile(path):
         return keras.models.load_model(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):

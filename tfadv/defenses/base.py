@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from tfadv.attacks import cross_entropy
 from tfadv.data import validate_arrays
+from tfadv.export import export_saved_model
 
 
 def num_replicas():
@@ -283,9 +284,11 @@ class Defense(keras.Model):
         """Saves the base classifier (the defense adds nothing to the deployed model)."""
         return self.base_model.save(filepath, *args, **kwargs)
 
-    def export(self, filepath, *args, **kwargs):
-        """Exports the base classifier (see `keras.Model.export`)."""
-        return self.base_model.export(filepath, *args, **kwargs)
+    def export(self, export_dir, version=None, **kwargs):
+        """Exports the base classifier for TF Serving to ``export_dir/<version>/``: tfadv's one
+        export path, `tfadv.export.export_saved_model` (not `keras.Model.export`, which stores
+        every weight twice and names the outputs ``output_0``)."""
+        return export_saved_model(self.base_model, export_dir, version=version, **kwargs)
 
     def save_weights(self, filepath, *args, **kwargs):
         return self.base_model.save_weights(filepath, *args, **kwargs)
