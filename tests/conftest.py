@@ -55,6 +55,18 @@ def dataset_arrays(data):
     return np.concatenate([np.asarray(x) for x in xs]), np.concatenate([np.asarray(y) for y in ys])
 
 
+# gin bindings that keep a bin/train run in a test short: a 2-step validation and test PGD, and
+# the final evaluation without its sanity checks and robustness curve (their own tests are in
+# test_evaluation.py and test_train_e2e.py). Pass them as ``*quick_train()``.
+QUICK_TRAIN = ("train.verbose = 2", "test_attack/PGD.steps = 2", "val_attack/PGD.steps = 2",
+               "evaluate.sanity = False")
+
+
+def quick_train(*extra):
+    """``--gin_param=`` flags for `QUICK_TRAIN` plus ``extra`` bindings."""
+    return [f"--gin_param={p}" for p in (*QUICK_TRAIN, *extra)]
+
+
 def run_bin(tool, *args, timeout=600):
     """Runs ``bin/<tool> args...`` in a fresh process (quiet TF logs, no TF_CONFIG) and returns
     the `subprocess.CompletedProcess` with text stdout and stderr."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_bin
+from conftest import quick_train, run_bin
 from tfadv.checkpoint import RobustEarlyStopping
 
 
@@ -76,8 +76,7 @@ def test_bad_patience_and_missing_attach():
 def test_bin_train_reports_selected_and_last_epoch(tmp_path):
     model_dir = tmp_path / "es"
     proc = run_bin("train", "--gin_file=early_stopping.gin", f"--model_dir={model_dir}",
-                   "--gin_param=train.epochs = 6", "--gin_param=train.validation_freq = 2",
-                   "--gin_param=train.verbose = 2", "--gin_param=test_attack/PGD.steps = 5")
+                   *quick_train("train.epochs = 6", "train.validation_freq = 2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     stopping = report["early_stopping"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import linear_model, run_bin
+from conftest import linear_model, quick_train, run_bin
 from tfadv import data
 from tfadv.defenses import CatastrophicOverfittingMonitor, FreeAdversarialTraining
 
@@ -117,8 +117,7 @@ def test_collapse_is_detected_logged_and_optionally_reverted(tmp_path):
 def test_bin_train_fast_at_logs_pgd_and_fgsm_accuracy(tmp_path):
     model_dir = tmp_path / "fast"
     proc = run_bin("train", "--gin_file=fast_at.gin", f"--model_dir={model_dir}",
-                   "--gin_param=train.epochs = 3", "--gin_param=train.verbose = 2",
-                   "--gin_param=test_attack/PGD.steps = 5")
+                   *quick_train("train.epochs = 3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((model_dir / "catastrophic_overfitting.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [1, 2, 3]

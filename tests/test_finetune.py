@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import run_bin
+from conftest import quick_train, run_bin
 from tfadv import models
 
 
@@ -52,7 +52,7 @@ def _train(args):
 
 
 def test_pretrain_then_finetune_chain(tmp_path):
-    quick = ["--gin_param=train.verbose = 2", "--gin_param=test_attack/PGD.steps = 2"]
+    quick = quick_train()
     source = tmp_path / "pretrain"
     proc = _train(["--gin_file=pretrain.gin", f"--model_dir={source}",
                    "--gin_param=train.epochs = 2", *quick])

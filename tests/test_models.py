@@ -13,6 +13,8 @@ from tfadv import models
     ("small_cnn", {}, (28, 28, 1)),
     ("preact_resnet18", {}, (32, 32, 3)),
     ("wide_resnet", {"depth": 10, "width": 1}, (32, 32, 3)),
+    ("gowal_cnn", {"size": "small"}, (28, 28, 1)),
+    ("gowal_cnn", {"size": "medium"}, (32, 32, 3)),
 ])
 def test_builders_map_images_to_logits(name, kwargs, shape):
     model = models.MODELS[name](input_shape=shape, num_classes=7, **kwargs)
@@ -25,6 +27,11 @@ def test_parameter_counts_match_the_papers_architectures():
     assert abs(models.preact_resnet18().count_params() - 11_173_962) < 20_000
     # Madry's MNIST model: 3.27M parameters.
     assert models.madry_mnist_cnn().count_params() == 3_274_634
+    # Gowal et al.'s large IBP CNN on MNIST: convs 64, 64, 128 (stride 2), 128, 128 (3x3, same
+    # padding), fc512, fc10.
+    convs = 9 * (1 * 64 + 64 * 64 + 64 * 128 + 128 * 128 + 128 * 128) + 64 + 64 + 3 * 128
+    dense = (14 * 14 * 128) * 512 + 512 + 512 * 10 + 10
+    assert models.gowal_cnn(size="large").count_params() == convs + dense
 
 
 def test_wrn_blocks_per_stage():

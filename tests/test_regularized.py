@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import linear_model, run_bin
+from conftest import linear_model, quick_train, run_bin
 from tfadv.attacks import PGD, kl_divergence
 from tfadv.defenses import (ALP, AWP, MART, TRADES, ModelState, PGDAdversarialTraining,
                             StandardTraining)
@@ -380,9 +380,8 @@ def test_bin_train_rejects_a_warmup_longer_than_training_before_writing(tmp_path
 def test_bin_train_awp_gin_writes_the_pgd_at_artifacts(tmp_path):
     """The user's example command, shortened to 2 epochs (AWP from the second)."""
     model_dir = tmp_path / "awp"
-    proc = _bin_train(model_dir, "awp.gin", ["train.epochs = 2", "train.verbose = 2",
-                                             "AWP.warmup_epochs = 1",
-                                             "test_attack/PGD.steps = 5"])
+    proc = run_bin("train", "--gin_file=awp.gin", f"--model_dir={model_dir}",
+                   *quick_train("train.epochs = 2", "AWP.warmup_epochs = 1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     assert report["defense"] == "PGDAdversarialTraining" and report["epochs"] == 2

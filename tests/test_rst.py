@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import run_bin
+from conftest import quick_train, run_bin
 from tfadv import data, pseudo_label
 from tfadv.defenses import StabilityTraining
 from tfadv.defenses.trades import trades_loss
@@ -116,8 +116,7 @@ def test_pseudo_labeled_files_are_checked(tmp_path):
 def test_bin_pseudo_label_trains_a_teacher_labels_the_split_and_rst_trains(tmp_path):
     teacher_dir = tmp_path / "teacher"
     proc = run_bin("pseudo_label", "--gin_file=rst_teacher.gin", f"--teacher_dir={teacher_dir}",
-                   "--gin_param=train.epochs = 15", "--gin_param=train.verbose = 0",
-                   "--gin_param=test_attack/PGD.steps = 2")
+                   *quick_train("train.epochs = 15", "train.verbose = 0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = teacher_dir / "pseudo_labeled.npz"
     with np.load(path) as f:
@@ -143,8 +142,7 @@ def test_bin_pseudo_label_trains_a_teacher_labels_the_split_and_rst_trains(tmp_p
     rst_dir = tmp_path / "rst"
     proc = run_bin("train", "--gin_file=rst.gin", f"--model_dir={rst_dir}",
                    f"--gin_param=load_dataset.pseudo_labeled = '{path}'",
-                   "--gin_param=train.epochs = 2", "--gin_param=train.validation_freq = 1",
-                   "--gin_param=train.verbose = 2", "--gin_param=test_attack/PGD.steps = 2")
+                   *quick_train("train.epochs = 2", "train.validation_freq = 1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((rst_dir / "report.json").read_text())
     assert report["defense"] == "TRADES" and len(report["history"]["loss"]) == 2

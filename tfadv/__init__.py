@@ -11,6 +11,8 @@ Modules, one concept each:
 - `tfadv.pseudo_label`: pseudo-labels for robust self-training.
 - `tfadv.checkpoint`: atomic per-epoch checkpoints with resume; robust early stopping.
 - `tfadv.evaluation`: clean and robust accuracy of a classifier on a dataset.
+- `tfadv.certify`: certified robustness: randomized smoothing and interval bound propagation.
+- `tfadv.export`: the one SavedModel export for TF Serving.
 - `tfadv.train`: the gin-configurable training driver behind `bin/train`.
 """
 

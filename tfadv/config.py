@@ -25,6 +25,7 @@ _SEARCH_PATH_ADDED = False
 def _import_configurables():
     # Importing registers every @gin.configurable of the library.
     import tfadv.attacks  # noqa: F401
+    import tfadv.certify  # noqa: F401
     import tfadv.data  # noqa: F401
     import tfadv.defenses  # noqa: F401
     import tfadv.distribute  # noqa: F401

@@ -15,6 +15,7 @@ Builders, by name (`build_model`):
 - ``small_cnn``: TRADES' SmallCNN: four 3x3 convs (32, 32, 64, 64) with two max-pools, fc 200-200
   with dropout 0.5, last layer initialised to zero.
 - ``preact_resnet18``: PreAct ResNet-18 (He et al. 2016), as in Rice et al. and AWP.
+- ``gowal_cnn``: Gowal et al.'s (2018) IBP CNNs, 'small', 'medium' and 'large'.
 - ``wide_resnet``: WideResNet-depth-width (Zagoruyko & Komodakis 2016) as in TRADES / RST / AWP:
   WRN-34-10 is ``depth=34, width=10``, WRN-28-10 is ``depth=28, width=10``.
 """
@@ -192,12 +193,47 @@ def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, mea
     return keras.Model(inputs, outputs, name=f"wide_resnet_{depth}_{width}")
 
 
+_GOWAL_SIZES = {
+    # (filters, kernel, stride) of the 'SAME'/'VALID' convs, then the hidden fc widths
+    # (official examples/train.py `layers(model_size)`).
+    "small": ("valid", [(16, 4, 2), (32, 4, 1)], [100]),
+    "medium": ("valid", [(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)], [512, 512]),
+    "large": ("same", [(64, 3, 1), (64, 3, 1), (128, 3, 2), (128, 3, 1), (128, 3, 1)], [512]),
+}
+
+
+@gin.configurable
+def gowal_cnn(input_shape=(28, 28, 1), num_classes=10, size="large", mean=0.0, std=1.0,
+              weight_decay=0.0):
+    """The CNNs of Gowal et al. (2018) (official ``examples/train.py``), ReLU after every conv
+    and hidden fc layer, no BatchNorm. ``size``: 'small' (conv4x4x16 s2, conv4x4x32, fc100),
+    'medium' (conv 32, 32 s2, 64, 64 s2, fc512, fc512; valid padding) or 'large' (conv3x3 64,
+    64, 128 s2, 128, 128, same padding, fc512: the paper's best MNIST/CIFAR-10 model).
+    ``mean``, ``std``: per-channel normalisation as the first layer (official CIFAR-10)."""
+    input_shape, num_classes = _check_io(input_shape, num_classes)
+    if size not in _GOWAL_SIZES:
+        raise ValueError(f"size must be one of {sorted(_GOWAL_SIZES)}; got {size!r}.")
+    reg = _regularizer(weight_decay)
+    padding, convs, hidden = _GOWAL_SIZES[size]
+    inputs = keras.Input(input_shape, name="images")
+    x = _normalize(inputs, mean, std)
+    for filters, kernel, stride in convs:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, activation="relu",
+                          kernel_regularizer=reg)(x)
+    x = layers.Flatten()(x)
+    for width in hidden:
+        x = layers.Dense(width, activation="relu", kernel_regularizer=reg)(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    return keras.Model(inputs, outputs, name=f"gowal_cnn_{size}")
+
+
 MODELS = {
     "digits_cnn": digits_cnn,
     "madry_mnist_cnn": madry_mnist_cnn,
     "small_cnn": small_cnn,
     "preact_resnet18": preact_resnet18,
     "wide_resnet": wide_resnet,
+    "gowal_cnn": gowal_cnn,
 }
 
 

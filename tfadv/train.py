@@ -27,6 +27,7 @@ from tfadv import checkpoint as ckpt
 from tfadv import data as data_lib
 from tfadv import distribute
 from tfadv import evaluation
+from tfadv import export as export_lib
 from tfadv import models
 from tfadv.defenses import PGDAdversarialTraining
 
@@ -48,7 +49,7 @@ def _write_config_summary(log_dir, config_text):
 def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimizer=None,
           learning_rate=1e-3, epochs=30, eval_attacks=None, strategy="mirrored", seed=0,
           jit_compile=False, verbose=1, dry_run=False, validation_freq=1, early_stopping=None,
-          initial_weights=None, callbacks=()):
+          initial_weights=None, callbacks=(), export_dir=None):
     """Trains ``defense(base_model)`` and writes the artifacts listed in the module docstring.
 
     Args:
@@ -78,6 +79,10 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         2019; see `tfadv.models.transfer_weights`).
       callbacks: more Keras callbacks (gin: ``[@CatastrophicOverfittingMonitor()]``); those
         with an ``attach(model_dir, base_model, data)`` method get it called before training.
+      export_dir: when set, the final model (the one in ``model.keras``) is also exported for
+        TF Serving by `tfadv.export.export_saved_model` to ``export_dir/<next version>/``, after
+        the report is written; a relative path is under ``model_dir`` (gin: ``train.export_dir
+        = 'serving'`` gives ``model_dir/serving/1/``), an absolute one is used as given.
 
     Returns:
       the report dict (also written to ``model_dir/report.json``); with ``dry_run`` a dict of
@@ -85,6 +90,9 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     """
     _check_positive_int("epochs", epochs)
     _check_positive_int("validation_freq", validation_freq)
+    if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike))
+                                   or not os.fspath(export_dir)):
+        raise ValueError(f"export_dir must be None or a non-empty path; got {export_dir!r}.")
     if initial_weights is not None and not os.path.exists(initial_weights):
         raise FileNotFoundError(
             f"initial_weights {initial_weights!r} does not exist (train the source model first, "
@@ -182,9 +190,17 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
             "validation_freq": validation_freq}
         report["last"] = {k: last[k] for k in ("clean_accuracy", "robust_accuracy",
                                                "worst_case_accuracy") if k in last}
+    if callable(getattr(wrapped, "certified_report", None)):  # certified defenses (IBP)
+        certified = wrapped.certified_report(base_model, data.test)
+        report.update(certified)
+        print(f"tfadv: certified {certified}")
     ckpt.atomic_write_text(os.path.join(model_dir, "report.json"),
                            json.dumps(report, indent=2) + "\n")
     print(evaluation.format_table(result))
     print(f"tfadv: wrote {os.path.join(model_dir, 'report.json')}")
+    if export_dir is not None:
+        exported = export_lib.export_saved_model(base_model, os.path.join(model_dir, export_dir),
+                                      source=os.path.join(model_dir, "model.keras"))
+        print(f"tfadv: exported the model for TF Serving to {exported}")
     return report
 

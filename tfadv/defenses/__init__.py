@@ -8,6 +8,8 @@ from tfadv.defenses.awp import AWP
 from tfadv.defenses.base import Defense, ModelState
 from tfadv.defenses.fast import CatastrophicOverfittingMonitor, FreeAdversarialTraining
 from tfadv.defenses.feature_scatter import FeatureScatterAttack, FeatureScattering
+from tfadv.defenses.gaussian import GaussianAugmentation
+from tfadv.defenses.ibp import IntervalBoundPropagation
 from tfadv.defenses.mart import MART
 from tfadv.defenses.mmc import MMC, RandomTargetPGD
 from tfadv.defenses.pgd_at import PGDAdversarialTraining, StandardTraining
@@ -15,6 +17,6 @@ from tfadv.defenses.stability import StabilityTraining
 from tfadv.defenses.trades import TRADES
 
 __all__ = ["ALP", "AWP", "CatastrophicOverfittingMonitor", "Defense", "FeatureScatterAttack",
-           "FeatureScattering", "FreeAdversarialTraining", "MART", "MMC", "ModelState",
-           "PGDAdversarialTraining", "RandomTargetPGD", "StabilityTraining", "StandardTraining",
-           "TRADES"]
+           "FeatureScattering", "FreeAdversarialTraining", "GaussianAugmentation",
+           "IntervalBoundPropagation", "MART", "MMC", "ModelState", "PGDAdversarialTraining",
+           "RandomTargetPGD", "StabilityTraining", "StandardTraining", "TRADES"]
