@@ -13,6 +13,7 @@ Modules, one concept each:
 - `tfadv.evaluation`: clean and robust accuracy of a classifier on a dataset.
 - `tfadv.certify`: certified robustness: randomized smoothing and interval bound propagation.
 - `tfadv.export`: the one SavedModel export for TF Serving.
+- `tfadv.tensorboard`: adversarial examples, margins and the robustness curve in TensorBoard.
 - `tfadv.train`: the gin-configurable training driver behind `bin/train`.
 """
 

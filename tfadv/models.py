@@ -2,6 +2,10 @@
 
 Input normalization (``mean``, ``std`` per channel, in [0, 1] units) is the model's first layer, so
 attacks and threat models always live in [0, 1] pixel space whatever the architecture expects.
+The ``logits`` layer computes in float32 (``dtype="float32"``) whatever the global Keras dtype
+policy: under ``mixed_float16`` / ``mixed_bfloat16`` (``train.precision``) the body runs in half
+precision and the logits, which every loss and attack reads, stay float32 (the Keras mixed
+precision guide's advice for the last layer; float16 logits overflow above 65504).
 ``weight_decay`` follows the PyTorch convention of the papers' code (the gradient of the penalty is
 ``weight_decay * w``), i.e. an L2 kernel regularizer of ``weight_decay / 2`` on conv and dense
 kernels (not on biases or BatchNorm parameters; PyTorch's ``weight_decay`` also decays those).
@@ -69,7 +73,8 @@ def digits_cnn(input_shape=(8, 8, 1), num_classes=10, mean=0.0, std=1.0, weight_
     x = layers.MaxPooling2D(2)(x)
     x = layers.Flatten()(x)
     x = layers.Dense(256, activation="relu", kernel_regularizer=reg)(x)
-    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits",
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name="digits_cnn")
 
 
@@ -87,7 +92,8 @@ def madry_mnist_cnn(input_shape=(28, 28, 1), num_classes=10, mean=0.0, std=1.0,
     x = layers.MaxPooling2D(2, padding="same")(x)
     x = layers.Flatten()(x)
     x = layers.Dense(1024, activation="relu", kernel_regularizer=reg)(x)
-    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits",
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name="madry_mnist_cnn")
 
 
@@ -111,7 +117,7 @@ def small_cnn(input_shape=(28, 28, 1), num_classes=10, mean=0.0, std=1.0, weight
     x = layers.Dropout(dropout)(x)
     x = layers.Dense(200, activation="relu", kernel_regularizer=reg)(x)
     outputs = layers.Dense(num_classes, kernel_initializer="zeros", kernel_regularizer=reg,
-                           name="logits")(x)
+                           name="logits", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="small_cnn")
 
 
@@ -147,7 +153,8 @@ def preact_resnet18(input_shape=(32, 32, 3), num_classes=10, mean=0.0, std=1.0,
                               f"stage{stage + 1}_block{block + 1}")
     x = layers.ReLU()(_bn("final_bn")(x))
     x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits",
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name="preact_resnet18")
 
 
@@ -189,7 +196,8 @@ def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, mea
                             f"stage{stage + 1}_block{block + 1}")
     x = layers.ReLU()(_bn("final_bn")(x))
     x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits",
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"wide_resnet_{depth}_{width}")
 
 
@@ -223,7 +231,8 @@ def gowal_cnn(input_shape=(28, 28, 1), num_classes=10, size="large", mean=0.0, s
     x = layers.Flatten()(x)
     for width in hidden:
         x = layers.Dense(width, activation="relu", kernel_regularizer=reg)(x)
-    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits",
+                           dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"gowal_cnn_{size}")
 
 

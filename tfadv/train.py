@@ -5,7 +5,9 @@ writes to ``model_dir``:
 
 - ``config.gin``: the operative gin configuration (also in TensorBoard as text);
 - ``tensorboard/``: per-epoch loss, accuracies (train: adversarial; validation: clean and
-  robust) and learning rate;
+  robust) and learning rate; ``tensorboard/adversarial/``: adversarial example grids and logit
+  margin histograms every ``AdversarialSummaries.every_n_epochs`` epochs and the final robustness
+  curve (`tfadv.tensorboard`);
 - ``checkpoints/``: one checkpoint per epoch; running the same command again resumes after the
   last finished epoch;
 - ``model.keras``: the trained base classifier (the defense wrapper is not saved);
@@ -14,6 +16,8 @@ writes to ``model_dir``:
   ``examples.png`` from `tfadv.evaluation.evaluate` (per-example results and plots).
 """
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -29,7 +33,10 @@ from tfadv import distribute
 from tfadv import evaluation
 from tfadv import export as export_lib
 from tfadv import models
+from tfadv import tensorboard as tensorboard_lib
 from tfadv.defenses import PGDAdversarialTraining
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _check_positive_int(name, value):
@@ -45,11 +52,40 @@ def _write_config_summary(log_dir, config_text):
     writer.close()
 
 
+def check_precision(precision):
+    """Returns ``precision`` if it is one of `PRECISIONS`, else raises a ValueError naming them."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+    return precision
+
+
+def _under_precision_policy(fn):
+    """Runs ``fn`` (`train`) with the Keras global dtype policy set to its ``precision``
+    argument, checked before any work, and restores the previous policy when ``fn`` returns or
+    raises (so the policy of one run does not leak into the next in the same process)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        precision = check_precision(bound.arguments["precision"])
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(precision)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    return wrapper
+
+
 @gin.configurable(denylist=["model_dir"])
+@_under_precision_policy
 def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimizer=None,
           learning_rate=1e-3, epochs=30, eval_attacks=None, strategy="mirrored", seed=0,
           jit_compile=False, verbose=1, dry_run=False, validation_freq=1, early_stopping=None,
-          initial_weights=None, callbacks=(), export_dir=None):
+          initial_weights=None, callbacks=(), export_dir=None, precision="float32"):
     """Trains ``defense(base_model)`` and writes the artifacts listed in the module docstring.
 
     Args:
@@ -63,9 +99,13 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         ``@PiecewiseConstant()``).
       epochs: total number of epochs (integer >= 1).
       eval_attacks: dict ``name -> attack`` for the final test report.
-      strategy: name for `tfadv.distribute.get_strategy` (devices configurable there).
+      strategy: name for `tfadv.distribute.get_strategy` (devices configurable there); a
+        multi-worker run (``TF_CONFIG``) writes model_dir from the chief only, and
+        ``load_dataset.batch_size`` (the global batch) must divide by the replica count.
       seed: seeds Python, NumPy and TensorFlow (`keras.utils.set_random_seed`).
-      jit_compile: XLA for the train step, explicit (Keras' "auto" differs by strategy).
+      jit_compile: XLA for the train step (``compile(jit_compile=...)``), explicit because
+        Keras' "auto" differs by strategy (gin: ``train.jit_compile = True``). On CPU XLA made
+        the PGD loop slower: measure before enabling.
       verbose: Keras progress bar (1), one line per epoch (2) or silent (0).
       dry_run: build data, model, defense and attacks, then return them without training or
         writing anything (checks a configuration in seconds before a long run).
@@ -83,6 +123,12 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         TF Serving by `tfadv.export.export_saved_model` to ``export_dir/<next version>/``, after
         the report is written; a relative path is under ``model_dir`` (gin: ``train.export_dir
         = 'serving'`` gives ``model_dir/serving/1/``), an absolute one is used as given.
+      precision: the Keras dtype policy, one of `PRECISIONS`: ``'float32'``,
+        ``'mixed_float16'`` (half-precision compute with dynamic loss scaling: `compile` wraps
+        the optimizer in a `keras.optimizers.LossScaleOptimizer`) or ``'mixed_bfloat16'`` (no
+        loss scaling needed). Set as the global policy before the model is built and restored
+        when `train` returns. Variables, the logits layer (`tfadv.models`), losses and attack
+        perturbations stay float32 (gin: ``train.precision = 'mixed_float16'``).
 
     Returns:
       the report dict (also written to ``model_dir/report.json``); with ``dry_run`` a dict of
@@ -103,11 +149,17 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         raise ValueError(f"model must be one of {sorted(models.MODELS)}; got {model!r}.")
     if isinstance(learning_rate, (int, float)) and learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0; got {learning_rate}.")
+    summaries = tensorboard_lib.AdversarialSummaries()  # gin: AdversarialSummaries.*
+    # First TF work of the run: a multi-worker strategy must exist before other TF operations.
+    strat = distribute.get_strategy(strategy)
     keras.utils.set_random_seed(seed)
 
     data = data_lib.load_dataset()
+    if data.batch_size % strat.num_replicas_in_sync:
+        raise ValueError(
+            f"load_dataset.batch_size (the global batch) must be divisible by the number of "
+            f"replicas; got {data.batch_size} for {strat.num_replicas_in_sync} replicas.")
     steps_per_epoch = math.ceil(data.sizes["train"] / data.batch_size)
-    strat = distribute.get_strategy(strategy)
     print(f"tfadv: {data.name} {data.sizes}, image shape {data.image_shape}, "
           f"{strat.num_replicas_in_sync} replica(s), {steps_per_epoch} steps/epoch")
 
@@ -129,18 +181,24 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     if dry_run:
         return {"data": data, "defense": wrapped, "eval_attacks": dict(eval_attacks or {})}
 
-    os.makedirs(model_dir, exist_ok=True)
-    for callback in [early_stopping, *callbacks]:
+    # Multi-worker: every worker saves (saving may need collectives), but only the chief into
+    # model_dir; the others write to a temporary directory removed at the end.
+    out_dir = distribute.worker_dir(model_dir, strat)
+    os.makedirs(out_dir, exist_ok=True)
+    for callback in [early_stopping, *callbacks, summaries]:
         if callback is not None and hasattr(callback, "attach"):
-            callback.attach(model_dir, base_model, data)
-    saver = ckpt.EpochCheckpoint(os.path.join(model_dir, "checkpoints"), base_model, opt)
+            callback.attach(out_dir, base_model, data)
+    saver = ckpt.EpochCheckpoint(os.path.join(out_dir, "checkpoints"), base_model, opt)
     initial_epoch = saver.restore()
+    if out_dir != model_dir:  # resume from the chief's checkpoints (model_dir shared or absent)
+        initial_epoch = ckpt.EpochCheckpoint(os.path.join(model_dir, "checkpoints"), base_model,
+                                             opt).restore()
     if initial_epoch:
         print(f"tfadv: resuming from the checkpoint after epoch {initial_epoch}")
 
     config_text = gin.operative_config_str()
-    ckpt.atomic_write_text(os.path.join(model_dir, "config.gin"), config_text)
-    log_dir = os.path.join(model_dir, "tensorboard")
+    ckpt.atomic_write_text(os.path.join(out_dir, "config.gin"), config_text)
+    log_dir = os.path.join(out_dir, "tensorboard")
     _write_config_summary(log_dir, config_text)
 
     start = time.perf_counter()
@@ -148,7 +206,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     if initial_epoch < epochs:
         # Early stopping first, so an epoch's best model is on disk before its checkpoint is.
         every = [early_stopping] if early_stopping is not None else []
-        every += [*callbacks, saver,
+        every += [*callbacks, *([summaries] if summaries.every_n_epochs else []), saver,
                   keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False)]
         fit = wrapped.fit(data.train, validation_data=data.validation, epochs=epochs,
                           initial_epoch=initial_epoch, callbacks=every, verbose=verbose,
@@ -157,20 +215,21 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     train_seconds = time.perf_counter() - start
     last = None
     if early_stopping is not None and os.path.exists(early_stopping.best_path):
-        ckpt.atomic_save_model(base_model, os.path.join(model_dir, "model_last.keras"))
+        ckpt.atomic_save_model(base_model, os.path.join(out_dir, "model_last.keras"))
         last = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
                                    sanity=False, verbose=0)
         best = keras.models.load_model(early_stopping.best_path)
         base_model.set_weights(best.get_weights())
         print(f"tfadv: selected the checkpoint of epoch {early_stopping.state['best_epoch']} "
               f"({early_stopping.monitor} {early_stopping.state['best']:.4f})")
-    ckpt.atomic_save_model(base_model, os.path.join(model_dir, "model.keras"))
+    ckpt.atomic_save_model(base_model, os.path.join(out_dir, "model.keras"))
     # The operative config is complete only once every configurable has been called.
     config_text = gin.operative_config_str()
-    ckpt.atomic_write_text(os.path.join(model_dir, "config.gin"), config_text)
+    ckpt.atomic_write_text(os.path.join(out_dir, "config.gin"), config_text)
 
     result = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
-                                 output_dir=model_dir, verbose=1 if verbose else 0)
+                                 output_dir=out_dir, verbose=1 if verbose else 0)
+    summaries.write_robustness_curve(result)
     report = {
         "dataset": data.name,
         "split": "test",
@@ -194,11 +253,12 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         certified = wrapped.certified_report(base_model, data.test)
         report.update(certified)
         print(f"tfadv: certified {certified}")
-    ckpt.atomic_write_text(os.path.join(model_dir, "report.json"),
+    ckpt.atomic_write_text(os.path.join(out_dir, "report.json"),
                            json.dumps(report, indent=2) + "\n")
     print(evaluation.format_table(result))
-    print(f"tfadv: wrote {os.path.join(model_dir, 'report.json')}")
-    if export_dir is not None:
+    print(f"tfadv: wrote {os.path.join(out_dir, 'report.json')}")
+    distribute.remove_worker_dir(out_dir, model_dir)
+    if export_dir is not None and distribute.is_chief(strat):
         exported = export_lib.export_saved_model(base_model, os.path.join(model_dir, export_dir),
                                       source=os.path.join(model_dir, "model.keras"))
         print(f"tfadv: exported the model for TF Serving to {exported}")

@@ -23,6 +23,14 @@ per-replica loss is the per-replica mean divided by the number of replicas (so t
 over replicas gives the global-batch mean), the loss is passed through `optimizer.scale_loss`
 before differentiation (loss scaling), and the logged loss is multiplied back by the number of
 replicas.
+
+Mixed precision (``train.precision``): under the ``mixed_float16`` policy `keras.Model.compile`
+(``auto_scale_loss=True``, the default) wraps the optimizer in a
+`keras.optimizers.LossScaleOptimizer`, whose ``scale_loss`` multiplies by the dynamic loss scale
+and whose ``apply`` divides the gradients by it again (skipping the step, and halving the scale,
+when they are not finite); any other optimizer's ``scale_loss`` is the identity
+(``float32``, ``mixed_bfloat16``). Variables stay float32; losses are computed in float32 from the
+logits (`replica_mean`, `tfadv.attacks.losses`), and attacks keep the perturbation in float32.
 """
 
 import inspect

@@ -21,7 +21,10 @@
 
   (paper, Algorithm 1; step size eps as in the official code). The perturbation is per replica
   (each replica keeps its own for its share of the batch) and is not checkpointed: a resumed run
-  restarts it at zero. One Keras step is ``replays`` optimizer updates, so the paper's budget is
+  restarts it at zero. The perturbation is float32 under every precision policy; with
+  ``mixed_float16`` the replay's one backward pass is of the scaled loss (`Defense` docstring),
+  which `keras.optimizers.LossScaleOptimizer.apply` unscales for the weights and which leaves the
+  sign of the input gradient unchanged. One Keras step is ``replays`` optimizer updates, so the paper's budget is
   ``epochs / m`` passes over the data (the official code divides the epochs by m likewise).
 
 Catastrophic overfitting (Wong et al., Sec. 5.2): FGSM training can suddenly lose all PGD
@@ -99,7 +102,12 @@ class FreeAdversarialTraining(Defense):
             grads = tape.gradient(scaled_loss, [*variables, delta])
             self.optimizer.apply(grads[:-1], variables)
             state.commit()
-            delta = tf.clip_by_value(delta + self.eps * tf.sign(grads[-1]), -self.eps, self.eps)
+            # The input gradient is of the scaled loss (mixed_float16): its sign is that of the
+            # true gradient, except where the scaling overflowed (inf/NaN; the optimizer skips
+            # that step): those pixels take no step rather than poisoning the carried delta.
+            g_delta = tf.cast(grads[-1], tf.float32)
+            g_delta = tf.where(tf.math.is_finite(g_delta), g_delta, tf.zeros_like(g_delta))
+            delta = tf.clip_by_value(delta + self.eps * tf.sign(g_delta), -self.eps, self.eps)
             self.delta.assign(tf.concat([delta, self.delta[n:]], axis=0))
         self.track_loss(loss, x)
         self.adv_accuracy.update_state(y, logits, sample_weight=sample_weight)
