@@ -42,6 +42,32 @@ def check_sigma(sigma, name="sigma"):
     return float(sigma)
 
 
+def check_noise_seed(seed):
+    """An integer seed >= 0 for `add_training_noise`; ``None`` draws one from NumPy's global
+    generator (which `tfadv.train` seeds with ``train.seed``)."""
+    if seed is None:
+        return int(np.random.randint(0, 2**31 - 1))
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be None or an integer >= 0; got {seed!r}.")
+    return int(seed)
+
+
+def add_training_noise(x, sigma, seed, optimizer):
+    """x + sigma * z, z ~ N(0, I), for the current training step: z is drawn statelessly with the
+    seed ``[seed, t * R + r]`` (t = ``optimizer.iterations``, R replicas, r this replica), so a run
+    is reproducible, resumes with the same noise, and replicas draw independent noise. In [0, 1]
+    pixel space and not clipped. The one training-noise draw of tfadv (Gaussian augmentation and
+    stability training)."""
+    context = tf.distribute.get_replica_context()
+    replica = 0 if context is None else context.replica_id_in_sync_group
+    step = tf.cast(optimizer.iterations, tf.int64)
+    salt = step * num_replicas() + tf.cast(replica, tf.int64)
+    x = tf.cast(x, tf.float32)
+    noise = tf.random.stateless_normal(tf.shape(x), seed=tf.stack([tf.constant(seed, tf.int64),
+                                                                  salt]))
+    return x + sigma * noise
+
+
 @gin.configurable(denylist=["base_model"])
 class GaussianAugmentation(Defense):
     """Training under Gaussian noise (Cohen et al. 2019), the base classifier of randomized
@@ -75,26 +101,14 @@ class GaussianAugmentation(Defense):
 
     def __init__(self, base_model, sigma=0.25, eval_attack=None, seed=None, **kwargs):
         sigma = check_sigma(sigma)
-        if seed is None:
-            seed = int(np.random.randint(0, 2**31 - 1))
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be None or an integer >= 0; got {seed!r}.")
+        seed = check_noise_seed(seed)
         super().__init__(base_model, attack=None, eval_attack=eval_attack, **kwargs)
         self.sigma = sigma
-        self.seed = int(seed)
-
-    def noise_seed(self):
-        """The stateless seed of this step's noise on this replica: ``[seed, t * R + r]``."""
-        context = tf.distribute.get_replica_context()
-        replica = 0 if context is None else context.replica_id_in_sync_group
-        step = tf.cast(self.optimizer.iterations, tf.int64)
-        salt = step * num_replicas() + tf.cast(replica, tf.int64)
-        return tf.stack([tf.constant(self.seed, tf.int64), salt])
+        self.seed = seed
 
     def prepare(self, x, y):
         """x + sigma * z, z ~ N(0, I): in [0, 1] pixel space, not clipped (official code)."""
-        x = tf.cast(x, tf.float32)
-        return x + self.sigma * tf.random.stateless_normal(tf.shape(x), seed=self.noise_seed())
+        return add_training_noise(x, self.sigma, self.seed, self.optimizer)
 
     def objective(self, state, x, y, sample_weight, x_noisy):
         logits = state(x_noisy, training=True)

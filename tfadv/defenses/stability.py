@@ -15,8 +15,8 @@ pixel space before the model's normalisation and not clipped, as the smoothing c
 """
 
 import gin
-import tensorflow as tf
 
+from tfadv.defenses.gaussian import add_training_noise, check_noise_seed, check_sigma
 from tfadv.defenses.paired import PairedLossDefense
 from tfadv.defenses.trades import trades_loss
 
@@ -30,21 +30,22 @@ class StabilityTraining(PairedLossDefense):
       sigma: standard deviation of the Gaussian noise, > 0 (RST_stab: 0.25).
       beta: weight of the KL stability term, >= 0 (RST: 6).
       eval_attack: attack behind ``robust_accuracy`` in validation (default: none).
+      seed: seed of the training noise (`tfadv.defenses.gaussian.add_training_noise`); ``None``
+        draws one from NumPy's global generator.
     """
 
-    def __init__(self, base_model, sigma=0.25, beta=6.0, eval_attack=None, **kwargs):
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0 or (
-                sigma == float("inf")):
-            raise ValueError(f"sigma must be a finite number > 0; got {sigma!r}.")
+    def __init__(self, base_model, sigma=0.25, beta=6.0, eval_attack=None, seed=None, **kwargs):
+        sigma = check_sigma(sigma)
+        seed = check_noise_seed(seed)
         super().__init__(base_model, beta, attack=None, eval_attack=eval_attack, **kwargs)
-        self.sigma = float(sigma)
+        self.sigma = sigma
+        self.seed = seed
 
     def default_attack(self):
         return None
 
     def prepare(self, x, y):
-        x = tf.cast(x, tf.float32)
-        return x + self.sigma * tf.random.normal(tf.shape(x))
+        return add_training_noise(x, self.sigma, self.seed, self.optimizer)
 
     def paired_loss(self, y, clean_logits, noisy_logits):
         return trades_loss(y, clean_logits, noisy_logits, self.beta)
