@@ -98,14 +98,17 @@ class Interleaved:
         """Returns ``(median seconds, first-call seconds)`` per key. The first warm-up call
         includes tracing: it is what a new model costs before its first result."""
         first = {}
-        for key, fn in self.functions.items():
+        for number, (key, fn) in enumerate(self.functions.items(), 1):
+            print(f"  warm-up {number}/{len(self.functions)}: {' '.join(map(str, key))}",
+                  flush=True)
             for i in range(warmup):
                 start = time.perf_counter()
                 _block(fn())
                 if i == 0:
                     first[key] = time.perf_counter() - start
         times = {key: [] for key in self.functions}
-        for _ in range(repeats):
+        for round_ in range(repeats):
+            print(f"  timing round {round_ + 1}/{repeats}", flush=True)
             for key, fn in self.functions.items():
                 start = time.perf_counter()
                 _block(fn())

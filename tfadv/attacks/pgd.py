@@ -106,6 +106,11 @@ class PGD(Attack):
     labels (never the model's predictions: that would leak labels).
     """
 
+    # Run the steps as a Python loop (one graph copy per step) instead of a tf.while_loop. One
+    # step never needs a loop. Subclasses whose loss itself runs a tf.while_loop set it: see
+    # `tfadv.defenses.FeatureScatterAttack`.
+    unroll = False
+
     def __init__(self, eps=0.3, step_size=0.01, steps=40, norm="linf", random_start="uniform",
                  init_scale=0.001, loss_fn="cross_entropy", training=False, restarts=1,
                  select="last", clip_min=0.0, clip_max=1.0, seed=None):
@@ -176,6 +181,12 @@ class PGD(Attack):
             x_adv = project(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
             return (i + 1, x_adv, *state)
 
+        if self.steps == 1 or self.unroll:
+            carry = (tf.constant(0), start, *state)
+            for _ in range(self.steps):
+                carry = step(*carry)
+            _, x_adv, *state = carry
+            return x_adv, tuple(state)
         # An explicit while loop (not autograph): Keras traces train_step without converting
         # this module, and a Python loop would unroll `steps` model copies.
         _, x_adv, *state = tf.while_loop(lambda i, *_: i < self.steps, step,

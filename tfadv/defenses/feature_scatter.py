@@ -132,6 +132,14 @@ class FeatureScatterAttack(PGD):
       seed: seed of the uniform start; ``None`` draws fresh noise on each call.
     """
 
+    # The steps are unrolled (`PGD.unroll`): the gradient of the Sinkhorn tf.while_loop inside
+    # the attack's own tf.while_loop makes TensorFlow's graph optimizer rewrite an AddN of the
+    # gradient into a temporary variable that is not released between calls, and the second
+    # training step of a PreActResNet-18 at batch 32 (CPU, TF 2.21) failed with
+    # "AlreadyExistsError: Resource __per_step_0/.../AddN_4/tmp_var" (measured by
+    # bench/perf.py; TensorFlow issues 37740 and 38906). The official attack has one step.
+    unroll = True
+
     def __init__(self, eps=_EIGHT_OVER_255, step_size=None, steps=1, norm="linf",
                  sinkhorn_reg=0.01, sinkhorn_iters=100, sinkhorn_tol=0.1, clip_min=0.0,
                  clip_max=1.0, seed=None):
