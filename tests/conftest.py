@@ -72,10 +72,18 @@ def run_bin(tool, *args, timeout=600):
     the `subprocess.CompletedProcess` with text stdout and stderr."""
     import subprocess
 
+    return subprocess.run(bin_command(tool, *args), capture_output=True, text=True,
+                          timeout=timeout, env=bin_env())
+
+
+def bin_command(tool, *args):
+    return [sys.executable, os.path.join(ROOT, "bin", tool), *args]
+
+
+def bin_env():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bin", tool), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return env
 
 
 def linear_model(weights, bias=None):
@@ -86,6 +94,104 @@ def linear_model(weights, bias=None):
     model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
     dense.set_weights([weights] if bias is None else [weights, bias])
     return model
+
+
+# --- the background lane ------------------------------------------------------------------------
+# The in-process tests keep about one of the CI machine's two cores busy. Subprocess runs whose
+# results are only checked afterwards (the acceptance trainings: several minutes of bin/train; the
+# short bin/train runs of the end-to-end tests) run meanwhile on a background lane, one command at
+# a time, in submission order, so that they use the spare core. A module takes part by defining
+# ``start_background(lane, tmp_path_factory)``, called once when the first test of the session
+# starts if one of its tests is selected; its tests then wait for ``lane.result(key)``. Modules
+# that use the lane run last (`pytest_collection_modifyitems`), so their runs have the rest of the
+# suite to finish in. (At the same CPU priority as the tests: a niced lane starves when another
+# process shares the machine, and then the whole suite waits for it at the end.)
+
+
+class BackgroundLane:
+    """Runs submitted commands one after another on a thread; `result` waits for one."""
+
+    def __init__(self):
+        import concurrent.futures
+        import threading
+
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lane")
+        self._futures = {}
+        self._running = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def submit(self, key, cmd, timeout, env=None):
+        """Queues ``cmd`` (an argv list); its `subprocess.CompletedProcess` (text output) is
+        ``result(key)``. The timeout counts from the command's own start."""
+        assert key not in self._futures, key
+        self._futures[key] = self._executor.submit(self._run, cmd, timeout, env)
+
+    def submit_bin(self, key, tool, *args, timeout=600):
+        """`submit` for `run_bin`'s command (``bin/<tool> args...``, same environment)."""
+        self.submit(key, bin_command(tool, *args), timeout, bin_env())
+
+    def _run(self, cmd, timeout, env):
+        import subprocess
+
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the background lane was stopped")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+            self._running.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def result(self, key):
+        return self._futures[key].result()
+
+    def stop(self):
+        with self._lock:
+            self._stopped = True
+            for proc in self._running:
+                proc.kill()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _uses_lane(item):
+    return hasattr(getattr(item, "module", None), "start_background")
+
+
+def _lane_order(item):
+    module = getattr(item, "module", None)
+    return _uses_lane(item), getattr(module, "BACKGROUND_LAST", False)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Moves the tests of modules with background runs to the end, those of modules that set
+    ``BACKGROUND_LAST`` (the longest runs) after the others; the lane runs them in this order too.
+    A stable sort: the order is otherwise unchanged."""
+    items.sort(key=_lane_order)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_lane(request, tmp_path_factory):
+    """The session's `BackgroundLane`, started with the first test."""
+    lane = BackgroundLane()
+    modules = []
+    for item in request.session.items:
+        if _uses_lane(item) and item.module not in modules:
+            modules.append(item.module)
+    try:
+        for module in modules:
+            module.start_background(lane, tmp_path_factory)
+        yield lane
+    finally:
+        lane.stop()
 
 
 @pytest.fixture(autouse=True)

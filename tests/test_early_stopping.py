@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import quick_train, run_bin
+from conftest import quick_train
 from tfadv.checkpoint import RobustEarlyStopping
 
 
@@ -73,10 +73,19 @@ def test_bad_patience_and_missing_attach():
         callback.on_train_begin()
 
 
-def test_bin_train_reports_selected_and_last_epoch(tmp_path):
-    model_dir = tmp_path / "es"
-    proc = run_bin("train", "--gin_file=early_stopping.gin", f"--model_dir={model_dir}",
-                   *quick_train("train.epochs = 6", "train.validation_freq = 2"))
+RUNS = {}  # name -> model_dir of the bin/train runs on conftest's background lane
+
+
+def start_background(lane, tmp_path_factory):
+    RUNS["es"] = tmp_path_factory.mktemp("early_stopping") / "es"
+    lane.submit_bin("test_early_stopping es", "train", "--gin_file=early_stopping.gin",
+                    f"--model_dir={RUNS['es']}",
+                    *quick_train("train.epochs = 6", "train.validation_freq = 2"))
+
+
+def test_bin_train_reports_selected_and_last_epoch(background_lane):
+    model_dir = RUNS["es"]
+    proc = background_lane.result("test_early_stopping es")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     stopping = report["early_stopping"]

@@ -122,9 +122,12 @@ def test_unknown_attack_name():
         build_attack("pgd-fancy", 0.3)
 
 
+def _evaluate_cmd(args):
+    return [sys.executable, os.path.join(ROOT, "bin", "evaluate"), *args]
+
+
 def _evaluate_cli(args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bin", "evaluate"), *args],
-                          capture_output=True, text=True, timeout=600,
+    return subprocess.run(_evaluate_cmd(args), capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
@@ -139,12 +142,24 @@ def test_bin_evaluate_end_to_end(trained_digits_model, tmp_path):
     assert (tmp_path / "eval" / "robustness_curve.png").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
+BAD_INPUT = [
     (["--eps=-1"], "--eps must be >= 0"),
     (["--attacks=fgsm,boom"], "unknown attack name 'boom'"),
-])
-def test_bin_evaluate_rejects_bad_input(tmp_path, args, needle):
-    proc = _evaluate_cli([f"--model={tmp_path}", *args])
+]
+
+
+def start_background(lane, tmp_path_factory):
+    """The rejected command lines run on conftest's background lane (the end-to-end run above
+    needs the session's trained model, so it stays in the foreground)."""
+    for i, (args, _) in enumerate(BAD_INPUT):
+        model = tmp_path_factory.mktemp(f"bad_input{i}")
+        lane.submit(f"test_evaluation {args}", _evaluate_cmd([f"--model={model}", *args]), 600,
+                    dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+@pytest.mark.parametrize("args, needle", BAD_INPUT)
+def test_bin_evaluate_rejects_bad_input(background_lane, args, needle):
+    proc = background_lane.result(f"test_evaluation {args}")
     assert proc.returncode != 0 and needle in proc.stderr
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import linear_model, quick_train, run_bin
+from conftest import linear_model, quick_train
 from tfadv import data
 from tfadv.defenses import CatastrophicOverfittingMonitor, FreeAdversarialTraining
 
@@ -114,10 +114,18 @@ def test_collapse_is_detected_logged_and_optionally_reverted(tmp_path):
     assert quiet.detected_epoch is None
 
 
-def test_bin_train_fast_at_logs_pgd_and_fgsm_accuracy(tmp_path):
-    model_dir = tmp_path / "fast"
-    proc = run_bin("train", "--gin_file=fast_at.gin", f"--model_dir={model_dir}",
-                   *quick_train("train.epochs = 3"))
+RUNS = {}  # name -> model_dir of the bin/train runs on conftest's background lane
+
+
+def start_background(lane, tmp_path_factory):
+    RUNS["fast"] = tmp_path_factory.mktemp("fast_at") / "fast"
+    lane.submit_bin("test_fast fast", "train", "--gin_file=fast_at.gin",
+                    f"--model_dir={RUNS['fast']}", *quick_train("train.epochs = 3"))
+
+
+def test_bin_train_fast_at_logs_pgd_and_fgsm_accuracy(background_lane):
+    model_dir = RUNS["fast"]
+    proc = background_lane.result("test_fast fast")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((model_dir / "catastrophic_overfitting.json").read_text())
     assert [h["epoch"] for h in log["history"]] == [1, 2, 3]

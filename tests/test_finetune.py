@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import quick_train, run_bin
+from conftest import quick_train
 from tfadv import models
 
 
@@ -47,21 +47,32 @@ def test_transfer_lists_every_mismatched_shape():
         models.transfer_weights(_cnn(4), small)
 
 
-def _train(args):
-    return run_bin("train", *args)
+DIRS = {}  # the directories of the bin/train runs on conftest's background lane
 
 
-def test_pretrain_then_finetune_chain(tmp_path):
+def start_background(lane, tmp_path_factory):
+    """The chain (pre-train, then fine-tune from its model_dir: one after the other on the
+    lane) and the fine-tuning without a source."""
     quick = quick_train()
-    source = tmp_path / "pretrain"
-    proc = _train(["--gin_file=pretrain.gin", f"--model_dir={source}",
-                   "--gin_param=train.epochs = 2", *quick])
+    DIRS["tmp"] = tmp = tmp_path_factory.mktemp("finetune")
+    lane.submit_bin("test_finetune pretrain", "train", "--gin_file=pretrain.gin",
+                    f"--model_dir={tmp / 'pretrain'}", "--gin_param=train.epochs = 2", *quick)
+    lane.submit_bin("test_finetune finetune", "train", "--gin_file=finetune.gin",
+                    f"--model_dir={tmp / 'finetune'}",
+                    f"--gin_param=train.initial_weights = '{tmp / 'pretrain'}'",
+                    "--gin_param=train.epochs = 1", *quick)
+    lane.submit_bin("test_finetune no source", "train", "--gin_file=finetune.gin",
+                    f"--model_dir={tmp / 'ft'}",
+                    f"--gin_param=train.initial_weights = '{tmp / 'nothing'}'")
+
+
+def test_pretrain_then_finetune_chain(background_lane):
+    source = DIRS["tmp"] / "pretrain"
+    proc = background_lane.result("test_finetune pretrain")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert keras.models.load_model(source / "model.keras").output_shape == (None, 5)
-    target = tmp_path / "finetune"
-    proc = _train(["--gin_file=finetune.gin", f"--model_dir={target}",
-                   f"--gin_param=train.initial_weights = '{source}'",
-                   "--gin_param=train.epochs = 1", *quick])
+    target = DIRS["tmp"] / "finetune"
+    proc = background_lane.result("test_finetune finetune")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"initialised from {source}" in proc.stdout
     report = json.loads((target / "report.json").read_text())
@@ -70,9 +81,8 @@ def test_pretrain_then_finetune_chain(tmp_path):
     # (Whether pre-training helps is measured in BUILD.md, bench/rst_es_finetune_claims.py.)
 
 
-def test_finetune_without_its_source_fails_before_writing(tmp_path):
-    proc = _train(["--gin_file=finetune.gin", f"--model_dir={tmp_path / 'ft'}",
-                   f"--gin_param=train.initial_weights = '{tmp_path / 'nothing'}'"])
+def test_finetune_without_its_source_fails_before_writing(background_lane):
+    proc = background_lane.result("test_finetune no source")
     assert proc.returncode != 0
     assert "initial_weights" in proc.stderr and "pretrain.gin" in proc.stderr
-    assert not (tmp_path / "ft").exists()
+    assert not (DIRS["tmp"] / "ft").exists()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import linear_model, quick_train, run_bin
+from conftest import linear_model, quick_train
 from tfadv.attacks import PGD, kl_divergence
 from tfadv.defenses import (ALP, AWP, MART, TRADES, ModelState, PGDAdversarialTraining,
                             StandardTraining)
@@ -364,24 +364,31 @@ def test_warmup_longer_than_training_fails_before_any_step():
         assert np.array_equal(a, b.numpy())
 
 
-def _bin_train(model_dir, gin_file, params):
-    return run_bin("train", f"--gin_file={gin_file}", f"--model_dir={model_dir}",
-                   *[f"--gin_param={p}" for p in params])
+DIRS = {}  # the directories of the bin/train runs on conftest's background lane
 
 
-def test_bin_train_rejects_a_warmup_longer_than_training_before_writing(tmp_path):
-    proc = _bin_train(tmp_path / "run", "trades_awp.gin", ["train.epochs = 5"])
+def start_background(lane, tmp_path_factory):
+    DIRS["tmp"] = tmp = tmp_path_factory.mktemp("regularized")
+    lane.submit_bin("test_regularized warmup", "train", "--gin_file=trades_awp.gin",
+                    f"--model_dir={tmp / 'run'}", "--gin_param=train.epochs = 5")
+    # The user's example command, shortened to 2 epochs (AWP from the second).
+    lane.submit_bin("test_regularized awp", "train", "--gin_file=awp.gin",
+                    f"--model_dir={tmp / 'awp'}",
+                    *quick_train("train.epochs = 2", "AWP.warmup_epochs = 1"))
+
+
+def test_bin_train_rejects_a_warmup_longer_than_training_before_writing(background_lane):
+    proc = background_lane.result("test_regularized warmup")
     assert proc.returncode != 0
     assert "AWP.warmup_epochs=10 must be smaller than the number of training epochs (5)" in (
         proc.stderr)
-    assert not (tmp_path / "run").exists()
+    assert not (DIRS["tmp"] / "run").exists()
 
 
-def test_bin_train_awp_gin_writes_the_pgd_at_artifacts(tmp_path):
+def test_bin_train_awp_gin_writes_the_pgd_at_artifacts(background_lane):
     """The user's example command, shortened to 2 epochs (AWP from the second)."""
-    model_dir = tmp_path / "awp"
-    proc = run_bin("train", "--gin_file=awp.gin", f"--model_dir={model_dir}",
-                   *quick_train("train.epochs = 2", "AWP.warmup_epochs = 1"))
+    model_dir = DIRS["tmp"] / "awp"
+    proc = background_lane.result("test_regularized awp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     assert report["defense"] == "PGDAdversarialTraining" and report["epochs"] == 2

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import quick_train, run_bin
+from conftest import quick_train
 from tfadv import data, pseudo_label
 from tfadv.defenses import StabilityTraining
 from tfadv.defenses.trades import trades_loss
@@ -113,10 +113,25 @@ def test_pseudo_labeled_files_are_checked(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary leftovers
 
 
-def test_bin_pseudo_label_trains_a_teacher_labels_the_split_and_rst_trains(tmp_path):
-    teacher_dir = tmp_path / "teacher"
-    proc = run_bin("pseudo_label", "--gin_file=rst_teacher.gin", f"--teacher_dir={teacher_dir}",
-                   *quick_train("train.epochs = 15", "train.verbose = 0"))
+DIRS = {}  # the directories of the runs on conftest's background lane
+
+
+def start_background(lane, tmp_path_factory):
+    """bin/pseudo_label, then bin/train on its pseudo-labels (one after the other on the lane)."""
+    DIRS["tmp"] = tmp = tmp_path_factory.mktemp("rst")
+    lane.submit_bin("test_rst pseudo_label", "pseudo_label", "--gin_file=rst_teacher.gin",
+                    f"--teacher_dir={tmp / 'teacher'}",
+                    *quick_train("train.epochs = 15", "train.verbose = 0"))
+    lane.submit_bin("test_rst train", "train", "--gin_file=rst.gin",
+                    f"--model_dir={tmp / 'rst'}",
+                    f"--gin_param=load_dataset.pseudo_labeled = "
+                    f"'{tmp / 'teacher' / 'pseudo_labeled.npz'}'",
+                    *quick_train("train.epochs = 2", "train.validation_freq = 1"))
+
+
+def test_bin_pseudo_label_trains_a_teacher_labels_the_split_and_rst_trains(background_lane):
+    teacher_dir = DIRS["tmp"] / "teacher"
+    proc = background_lane.result("test_rst pseudo_label")
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = teacher_dir / "pseudo_labeled.npz"
     with np.load(path) as f:
@@ -139,10 +154,8 @@ def test_bin_pseudo_label_trains_a_teacher_labels_the_split_and_rst_trains(tmp_p
     agreement = np.mean([truth[images[i].tobytes()] == labels[i] for i in range(len(labels))])
     assert agreement > 0.7
 
-    rst_dir = tmp_path / "rst"
-    proc = run_bin("train", "--gin_file=rst.gin", f"--model_dir={rst_dir}",
-                   f"--gin_param=load_dataset.pseudo_labeled = '{path}'",
-                   *quick_train("train.epochs = 2", "train.validation_freq = 1"))
+    rst_dir = DIRS["tmp"] / "rst"
+    proc = background_lane.result("test_rst train")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((rst_dir / "report.json").read_text())
     assert report["defense"] == "TRADES" and len(report["history"]["loss"]) == 2

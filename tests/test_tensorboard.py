@@ -12,7 +12,6 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_bin
 
 from tfadv.tensorboard import AdversarialSummaries, image_grid, logit_margin, perturbation_image
 
@@ -43,11 +42,13 @@ def _decode_image(tensor):
     return image.astype(np.float32) / 255.0
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("tb") / "run"
-    proc = run_bin(
-        "train", "--gin_file=pgd_at.gin", f"--model_dir={model_dir}",
+MODEL_DIR = []  # the --model_dir of the run on conftest's background lane
+
+
+def start_background(lane, tmp_path_factory):
+    MODEL_DIR.append(tmp_path_factory.mktemp("tb") / "run")
+    lane.submit_bin(
+        "test_tensorboard run", "train", "--gin_file=pgd_at.gin", f"--model_dir={MODEL_DIR[0]}",
         *[f"--gin_param={p}" for p in (
             "train.epochs = 2", "train.verbose = 2", "train_attack/PGD.steps = 1",
             "val_attack/PGD.steps = 2", "test_attack/PGD.steps = 2",
@@ -56,6 +57,12 @@ def run(tmp_path_factory):
             f"AdversarialSummaries.num_images = {NUM_IMAGES}",
             f"AdversarialSummaries.columns = {COLUMNS}",
             "AdversarialSummaries.num_examples = 100")])
+
+
+@pytest.fixture(scope="module")
+def run(background_lane):
+    model_dir = MODEL_DIR[0]
+    proc = background_lane.result("test_tensorboard run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     return model_dir, report, _summaries(str(model_dir / "tensorboard" / "adversarial"))

@@ -45,9 +45,31 @@ def _scalars(directory):
     return found
 
 
-def test_train_writes_report_model_config_and_tensorboard(tmp_path):
-    model_dir = tmp_path / "run"
-    proc = _run(model_dir, ["train.epochs = 2"] + QUICK)
+BAD_CONFIGURATIONS = [
+    ("train_attack/PGD.eps = -0.1", "eps must be a number >= 0"),
+    ("train_attack/PGD.steps = 0", "steps must be an integer >= 1"),
+    ("train.epochs = 0", "epochs must be an integer >= 1"),
+    ("load_dataset.name = 'imagenet'", "dataset name must be one of"),
+    ("train.model = 'resnet9000'", "model must be one of"),
+    ("PGD.epsilon = 0.3", "epsilon"),
+]
+DIRS = {}  # key -> --model_dir of the runs on conftest's background lane
+
+
+def start_background(lane, tmp_path_factory):
+    """The two-epoch run and the failing configurations (the run killed and resumed below stays
+    in the foreground: it is timed against the checkpoints)."""
+    DIRS["train"] = tmp_path_factory.mktemp("e2e") / "run"
+    lane.submit("test_train_e2e train", _cmd(DIRS["train"], ["train.epochs = 2"] + QUICK), 600,
+                _env())
+    for i, (param, _) in enumerate(BAD_CONFIGURATIONS):
+        DIRS[param] = tmp_path_factory.mktemp(f"bad{i}") / "run"
+        lane.submit(f"test_train_e2e {param}", _cmd(DIRS[param], [param]), 120, _env())
+
+
+def test_train_writes_report_model_config_and_tensorboard(background_lane):
+    model_dir = DIRS["train"]
+    proc = background_lane.result("test_train_e2e train")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     assert 0.0 <= report["clean_accuracy"] <= 1.0
@@ -112,17 +134,10 @@ def test_resume_after_kill_continues_from_last_finished_epoch(tmp_path):
     assert len(report["history"]["loss"]) == 6 - resumed
 
 
-@pytest.mark.parametrize("param, needle", [
-    ("train_attack/PGD.eps = -0.1", "eps must be a number >= 0"),
-    ("train_attack/PGD.steps = 0", "steps must be an integer >= 1"),
-    ("train.epochs = 0", "epochs must be an integer >= 1"),
-    ("load_dataset.name = 'imagenet'", "dataset name must be one of"),
-    ("train.model = 'resnet9000'", "model must be one of"),
-    ("PGD.epsilon = 0.3", "epsilon"),
-])
-def test_bad_configuration_fails_before_training(tmp_path, param, needle):
-    model_dir = tmp_path / "run"
-    proc = _run(model_dir, [param], timeout=120)
+@pytest.mark.parametrize("param, needle", BAD_CONFIGURATIONS)
+def test_bad_configuration_fails_before_training(background_lane, param, needle):
+    model_dir = DIRS[param]
+    proc = background_lane.result(f"test_train_e2e {param}")
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert not (model_dir / "checkpoints").exists()
