@@ -56,10 +56,11 @@ def dataset_arrays(data):
 
 
 # gin bindings that keep a bin/train run in a test short: a 2-step validation and test PGD, and
-# the final evaluation without its sanity checks and robustness curve (their own tests are in
-# test_evaluation.py and test_train_e2e.py). Pass them as ``*quick_train()``.
+# the final evaluation without its sanity checks and robustness curve, and with AutoAttack's
+# fast screen in the headline (their own tests are in test_evaluation.py,
+# test_honest_evaluation.py and test_train_e2e.py). Pass them as ``*quick_train()``.
 QUICK_TRAIN = ("train.verbose = 2", "test_attack/PGD.steps = 2", "val_attack/PGD.steps = 2",
-               "evaluate.sanity = False")
+               "evaluate.sanity = False", "evaluate.autoattack = 'fast'")
 
 
 def quick_train(*extra):

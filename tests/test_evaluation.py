@@ -31,7 +31,7 @@ def _wrap(base, fn):
 def test_worst_case_and_artifacts(trained_digits_model, digits, tmp_path):
     attacks = {"fgsm": FGSM(eps=0.2), "pgd10": build_attack("pgd10", 0.2)}
     result = evaluation.evaluate(trained_digits_model, _small_test(digits), attacks=attacks,
-                                 output_dir=str(tmp_path), verbose=0)
+                                 autoattack="fast", output_dir=str(tmp_path), verbose=0)
     n = result["num_examples"]
     assert n == 96
     worst = np.array(result["per_example"]["worst_case"])
@@ -42,7 +42,9 @@ def test_worst_case_and_artifacts(trained_digits_model, digits, tmp_path):
     assert result["worst_case_accuracy"] <= min(result["robust_accuracy"].values())
     assert result["robust_accuracy"]["pgd10"] <= result["robust_accuracy"]["fgsm"] + 1 / n
     assert {c["name"] for c in result["sanity_checks"]} == {
-        "deterministic", "gradients", "iterative_vs_single_step", "monotone_in_eps"}
+        "deterministic", "gradients", "iterative_vs_single_step", "monotone_in_eps",
+        "pgd_vs_strongest"}
+    assert result["headline"]["verdict"] == "reliable"
     assert all(c["passed"] for c in result["sanity_checks"]), result["sanity_checks"]
     eps_values = [c["eps"] for c in result["robustness_curve"]]
     assert eps_values[0] == 0 and eps_values[-1] == 1.0
@@ -75,8 +77,9 @@ def test_saturated_softmax_fails_the_gradient_check(trained_digits_model, digits
     """Logits x 1e4: cross-entropy gradients underflow to zero, so CE attacks report robustness
     that is not there. The check must say so."""
     scaled = _wrap(trained_digits_model, lambda z: 1e4 * z)
-    result = evaluation.evaluate(scaled, _small_test(digits),
-                                 attacks={"fgsm": FGSM(eps=0.2)}, verbose=0)
+    result = evaluation.evaluate(scaled, _small_test(digits), attacks={"fgsm": FGSM(eps=0.2)},
+                                 autoattack=None, remedies=False, curve_fractions=(0.0, 1.0),
+                                 verbose=0)
     check = {c["name"]: c for c in result["sanity_checks"]}["gradients"]
     assert check["passed"] is False and "saturated softmax" in check["verdict"]
     assert "WARNING" in evaluation.format_table(result)
@@ -93,7 +96,8 @@ def test_iterative_weaker_than_single_step_is_flagged(trained_digits_model, digi
     # A "PGD" with a uselessly small step is weaker than FGSM: the check must notice.
     weak = PGD(eps=0.2, step_size=1e-5, steps=5, random_start=None)
     result = evaluation.evaluate(trained_digits_model, _small_test(digits),
-                                 attacks={"fgsm": FGSM(eps=0.2), "weak": weak}, verbose=0)
+                                 attacks={"fgsm": FGSM(eps=0.2), "weak": weak}, autoattack=None,
+                                 curve_fractions=(0.0, 1.0), verbose=0)
     check = {c["name"]: c for c in result["sanity_checks"]}["iterative_vs_single_step"]
     assert check["passed"] is False
 
@@ -134,11 +138,14 @@ def _evaluate_cli(args):
 def test_bin_evaluate_end_to_end(trained_digits_model, tmp_path):
     trained_digits_model.save(tmp_path / "model.keras")
     proc = _evaluate_cli([f"--model={tmp_path}", "--attacks=fgsm,pgd10", "--eps=0.2",
-                          "--max_examples=64"])
+                          "--max_examples=64", "--autoattack=fast"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["num_examples"] == 64 and set(result["robust_accuracy"]) == {"fgsm", "pgd10"}
+    assert result["num_examples"] == 64
+    assert set(result["robust_accuracy"]) == {"fgsm", "pgd10", "autoattack-fast"}
     assert "worst case" in proc.stdout and "[PASS] gradients" in proc.stdout
+    assert proc.stdout.splitlines()[-2].startswith("ROBUST ACCURACY")  # then "wrote ..."
+    assert "[reliable]" in proc.stdout and "FAST" in proc.stdout
     assert (tmp_path / "eval" / "robustness_curve.png").exists()
 
 
@@ -148,13 +155,44 @@ BAD_INPUT = [
 ]
 
 
+UNRELIABLE = {}  # flags -> the bin/evaluate run on a saturated-softmax model
+
+
 def start_background(lane, tmp_path_factory):
     """The rejected command lines run on conftest's background lane (the end-to-end run above
-    needs the session's trained model, so it stays in the foreground)."""
+    needs the session's trained model, so it stays in the foreground), and bin/evaluate on a
+    model whose logits are scaled by 1e4 (a saturated softmax: the verdict is unreliable)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     for i, (args, _) in enumerate(BAD_INPUT):
         model = tmp_path_factory.mktemp(f"bad_input{i}")
         lane.submit(f"test_evaluation {args}", _evaluate_cmd([f"--model={model}", *args]), 600,
-                    dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                    env)
+    from tfadv import models
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    saturated = keras.Model(inputs, keras.layers.Rescaling(1e4)(models.digits_cnn()(inputs)))
+    path = tmp_path_factory.mktemp("saturated") / "saturated.keras"
+    saturated.save(path)
+    for extra in ([], ["--allow_unreliable"]):
+        out = tmp_path_factory.mktemp("saturated_eval")
+        UNRELIABLE[tuple(extra)] = out
+        lane.submit(f"test_evaluation unreliable {extra}", _evaluate_cmd(
+            [f"--model={path}", "--attacks=pgd10", "--eps=0.2", "--max_examples=16",
+             "--autoattack=fast", "--remedies=false", f"--output_dir={out}", *extra]), 600, env)
+
+
+@pytest.mark.parametrize("extra", [[], ["--allow_unreliable"]])
+def test_bin_evaluate_exit_status_of_an_unreliable_headline(background_lane, extra):
+    proc = background_lane.result(f"test_evaluation unreliable {extra}")
+    expected = 0 if extra else evaluation.UNRELIABLE_EXIT_CODE
+    assert proc.returncode == expected, proc.stderr[-3000:]
+    result = json.loads((UNRELIABLE[tuple(extra)] / "eval.json").read_text())
+    assert result["headline"]["verdict"].startswith("unreliable: gradients")
+    head = [line for line in proc.stdout.splitlines() if line.startswith("ROBUST ACCURACY")]
+    assert head and "[unreliable: gradients" in head[0]
+    if not extra:
+        assert "--allow_unreliable" in proc.stderr
 
 
 @pytest.mark.parametrize("args, needle", BAD_INPUT)
@@ -172,7 +210,7 @@ def test_rescaled_logits_do_not_inflate_the_worst_case(trained_digits_model, dig
         attacks = {"pgd10": build_attack("pgd10", 0.2),
                    "apgd-dlr": APGD(0.2, steps=20, loss="dlr")}
         return evaluation.evaluate(model, _small_test(digits), attacks=attacks, sanity=False,
-                                   verbose=0)
+                                   autoattack=None, verbose=0)
 
     plain = evaluate(trained_digits_model)
     scaled = evaluate(_wrap(trained_digits_model, lambda z: 1e4 * z))
@@ -191,7 +229,8 @@ def test_masked_gradients_are_caught_by_the_black_box_attack(trained_digits_mode
     masked = keras.Model(inputs, trained_digits_model(quantised))
     attacks = {"fgsm": FGSM(eps=0.3), "pgd10": build_attack("pgd10", 0.3),
                "square": Square(0.3, n_queries=300)}
-    result = evaluation.evaluate(masked, _small_test(digits), attacks=attacks, verbose=0)
+    result = evaluation.evaluate(masked, _small_test(digits), attacks=attacks, autoattack=None,
+                                 remedies=False, curve_fractions=(0.0, 1.0), verbose=0)
     checks = {c["name"]: c for c in result["sanity_checks"]}
     assert checks["gradients"]["passed"] is False
     assert checks["black_box_vs_white_box"]["passed"] is False

@@ -8,6 +8,7 @@ number of times. The runs end with the same partial batch, so the batch shapes s
 """
 
 import collections
+import re
 
 import gin
 import keras
@@ -98,11 +99,19 @@ def _train_traces(traces, tmp_path, epochs):
     config.parse(["pgd_at.gin"], [
         f"train.epochs = {epochs}", "train.verbose = 0", "train_attack/PGD.steps = 2",
         "val_attack/PGD.steps = 2", "test_attack/PGD.steps = 2", "evaluate.sanity = False",
-        "PiecewiseConstant.boundaries = [1, 2]"])
+        "evaluate.autoattack = 'fast'", "PiecewiseConstant.boundaries = [1, 2]"])
     traces.clear()
     train.train(str(tmp_path / f"run{epochs}"))
     gin.clear_config()
-    return dict(traces)
+    # Attack and prediction functions are named after their object's id: count by kind.
+    counts = collections.Counter()
+    for name, n in traces.items():
+        counts[_without_ids(name)] += n
+    return dict(counts)
+
+
+def _without_ids(name):
+    return re.sub(r"_[0-9a-f]{8,}", "", name)
 
 
 def test_bin_train_run_traces_do_not_grow_with_epochs(traces, tmp_path):
@@ -122,3 +131,21 @@ def test_counter_sees_a_retrace(traces):
     assert sum(traces.values()) == 1
     fn(tf.zeros([3, 3]))
     assert sum(traces.values()) == 2
+
+
+def test_evaluation_traces_each_function_once(traces, trained_digits_model, digits):
+    """Every attack of the standard AutoAttack ensemble and the evaluation's prediction function
+    trace once, a ragged last batch included (no 'triggered tf.function retracing')."""
+    from tfadv import evaluation
+    from tfadv.attacks import AutoAttack
+
+    data = digits.test.unbatch().take(40).batch(16)  # 16, 16, 8
+    traces.clear()
+    evaluation.evaluate(trained_digits_model, data,
+                        attacks={"autoattack": AutoAttack(0.1, version="standard")},
+                        sanity=False, verbose=0)
+    names = [n for n in traces if any(c in n for c in ("APGD", "FAB", "Square", "predict"))]
+    assert len([n for n in names if "APGD" in n]) == 2  # APGD-CE and APGD-T
+    assert any("FAB" in n for n in names) and any("Square" in n for n in names)
+    assert any("predict" in n for n in names)
+    assert all(traces[n] == 1 for n in names), dict(traces)

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["test_attack/PGD.steps = 5", "train.verbose = 2"]
+QUICK = ["test_attack/PGD.steps = 5", "test_attack/PGD.step_size = 0.1", "train.verbose = 2",
+         "evaluate.autoattack = 'fast'"]
 
 
 def _cmd(model_dir, params, gin_file="pgd_at.gin"):
@@ -73,7 +74,12 @@ def test_train_writes_report_model_config_and_tensorboard(background_lane):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     assert 0.0 <= report["clean_accuracy"] <= 1.0
-    assert set(report["robust_accuracy"]) == {"FGSM", "PGD-40"}
+    # The headline: the worst case with AutoAttack (here its fast screen, QUICK) added, and
+    # its verdict decides the exit status.
+    assert set(report["robust_accuracy"]) == {"FGSM", "PGD-40", "autoattack-fast"}
+    assert report["headline"]["accuracy"] == report["worst_case_accuracy"]
+    assert report["headline"]["autoattack"] == "fast"
+    assert report["headline"]["verdict"] in proc.stdout
     assert report["robust_accuracy"]["PGD-40"] <= report["clean_accuracy"]
     assert report["num_examples"] == 360 and report["epochs"] == 2
     assert "PGD-40" in proc.stdout and "clean" in proc.stdout  # the printed table

@@ -1,20 +1,52 @@
-"""Robustness evaluation that is hard to fool: attacks, worst case, sanity checks, plots.
+"""Robustness evaluation that is hard to fool: the headline number, its verdict, remedies, plots.
 
-`evaluate` runs every attack on every clean-correct example and reports, per attack, the robust
-accuracy (correct on the clean input AND on the attack's output), and the worst case over all
-attacks per example, which is the number to quote. The sanity checks follow Carlini et al. 2019
-("On Evaluating Adversarial Robustness") and Athalye et al. 2018 ("Obfuscated Gradients Give a
-False Sense of Security"): predictions are deterministic; input gradients are finite and
-non-zero; iterative attacks do at least as well as single-step ones; a black-box attack does not
-beat the white-box ones; robust accuracy falls monotonically with eps and reaches about 0 at an
-eps that allows any image. A failed check is a loud warning naming the likely cause.
+`evaluate` runs every attack on every example and reports, per attack, the robust accuracy
+(correct on the clean input AND on the attack's output). The **headline** is the worst case per
+example over every attack, and it always includes the standard AutoAttack ensemble (Croce & Hein
+2020): `evaluate` adds AutoAttack for the threat model of the given attacks unless it is already
+there (``autoattack='fast'`` adds the cheaper screen instead, and every output then says so).
+FGSM and PGD numbers are diagnostics.
+
+Beside the headline stands a **verdict**: ``reliable``, or ``unreliable: <checks>`` naming the
+failed sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness"; Athalye et al.
+2018, "Obfuscated Gradients Give a False Sense of Security"): predictions are deterministic;
+input gradients exist, are finite and non-zero; iterative attacks do at least as well as
+single-step ones; a black-box attack does not beat the white-box ones; robust accuracy falls
+monotonically with eps and reaches about 0 at an eps that allows any image. One more check,
+``pgd_vs_strongest``, compares the fixed-step PGD attacks with the strongest attack: more than 5
+points apart means PGD is unreliable on this model and must not be quoted. It judges the PGD
+diagnostics, not the headline (which already holds the strongest attack), so it is reported but
+does not make the headline unreliable.
+
+**Remedies** run by themselves when a check fails (``remedies=True``), and join the worst case:
+
+- predictions that change between identical calls (a randomised model): AutoAttack's ``rand``
+  version, APGD-CE and APGD-DLR with expectation over transformation (EOT) over 20 calls;
+- no gradient path, non-finite, zero or saturated input gradients: Square with a larger query
+  budget, and BPDA (`tfadv.attacks.bpda`): layers found to block the gradient get a
+  straight-through backward pass and the standard AutoAttack runs through them.
+
+The **robustness curve** runs the cheaper AutoAttack screen (APGD-CE + APGD-T, the ``fast``
+version; ``rand`` for randomised models) at each eps of the grid, and at the threat model's eps
+it is the headline itself.
+
+Evaluation runs batches in parallel on the devices of a `tf.distribute` strategy (one thread
+per device; the same batches and seeds as on one device, so the same numbers), shows one progress
+bar with ETA over all of it, and, with an ``output_dir``, saves per-example results after every
+batch to ``output_dir/eval_progress/`` so an interrupted evaluation continues where it stopped.
 
 Artifacts when ``output_dir`` is given: ``eval.json``, ``robustness_curve.png`` (accuracy against
 eps) and ``examples.png`` (clean and adversarial images with predictions).
 """
 
+import hashlib
 import json
 import os
+import queue
+import re
+import shutil
+import sys
+import threading
 import time
 
 import gin
@@ -25,9 +57,14 @@ from absl import logging
 
 from tfadv import heads  # noqa: F401  (registers the head layers for keras.models.load_model)
 from tfadv.attacks import PGD, parse_norm
+from tfadv.attacks.autoattack import AutoAttack
 from tfadv.attacks.pgd import norm_name
 
-CURVE_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+CURVE_FRACTIONS = (0.0, 0.5, 1.0, 1.5, 2.0)
+HEADLINE_VERSIONS = ("standard", "fast")  # of the AutoAttack in every headline
+UNRELIABLE_EXIT_CODE = 3  # bin/train and bin/evaluate exit with it for an unreliable headline
+PGD_GAP = 0.05  # pgd_vs_strongest: PGD more than this above the strongest attack is unreliable
+EOT_SAMPLES = 20  # AutoAttack 'rand': model calls averaged per gradient
 
 
 # --- models --------------------------------------------------------------------------------
@@ -82,22 +119,15 @@ def load_classifier(path):
 
 
 # --- running attacks -------------------------------------------------------------------------
-def _predict_fn(model):
-    return tf.function(lambda x: model(x, training=False))
+def _predict_fn(model, image_shape):
+    """``model(x, training=False)`` compiled once for every batch size (no retracing on a
+    ragged last batch)."""
+    def predict(x):
+        return model(x, training=False)
 
-
-def _run_attack(attack, model, batches, predict, verbose, name):
-    bar = keras.utils.Progbar(sum(len(y) for _, y in batches), unit_name="example",
-                              verbose=verbose)
-    if verbose:
-        print(f"Attack {name}: {attack!r}")
-    correct, adversarial = [], []
-    for x, y in batches:
-        x_adv = np.asarray(attack(model, x, y))
-        correct.append(np.argmax(predict(x_adv), -1) == y)
-        adversarial.append(x_adv)
-        bar.add(len(y))
-    return np.concatenate(correct), np.concatenate(adversarial)
+    predict.__name__ = f"predict_{id(model):x}"
+    return tf.function(predict, autograph=False,
+                       input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
 
 
 def _batches(dataset, max_examples):
@@ -114,10 +144,248 @@ def _batches(dataset, max_examples):
     return out
 
 
-def curve_attack(eps, norm, seed=0):
-    """The attack behind the robustness curve: PGD-20, step 2.5 eps / 20, every iterate counts."""
-    return PGD(eps=eps, step_size=max(2.5 * eps / 20, 1e-6), steps=20, norm=norm,
-               random_start="uniform" if eps > 0 else None, select="misclassified", seed=seed)
+def _devices(strategy):
+    """The local devices to spread batches over: the strategy's replicas' devices, or [None]
+    (the current device) for one replica."""
+    strategy = strategy or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync < 2:
+        return [None]
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # strategies without local replica devices
+        return [None]
+    return devices if len(devices) > 1 else [None]
+
+
+def _duration(seconds):
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One progress bar with ETA over a whole evaluation (every attack, remedy and curve point),
+    counted in examples. On a terminal it redraws one line; otherwise it prints one line per
+    stage (no escape codes in log files)."""
+
+    def __init__(self, total, verbose=1, stream=None):
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.verbose = verbose
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.stage = ""
+        self._lock = threading.Lock()
+
+    def _eta(self):
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 and self.done else 0.0
+        return elapsed, ((self.total - self.done) / rate if rate else float("nan"))
+
+    def _line(self):
+        elapsed, eta = self._eta()
+        fraction = self.done / self.total
+        bar = "=" * int(24 * fraction)
+        return (f"evaluate [{bar:<24}] {100 * fraction:3.0f}%  {self.stage}  "
+                f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+
+    def set_stage(self, stage):
+        with self._lock:
+            self.stage = stage
+            if self.verbose and not self.tty:
+                print(self._line(), file=self.stream, flush=True)
+            self._draw()
+
+    def add(self, count):
+        with self._lock:
+            self.done = min(self.done + int(count), self.total)
+            self._draw()
+
+    def _draw(self):
+        if self.verbose and self.tty:
+            self.stream.write("\r" + self._line() + "\033[K")
+            self.stream.flush()
+
+    def close(self):
+        if self.verbose:
+            elapsed = time.perf_counter() - self.start
+            end = "\n" if self.tty else ""
+            print(f"{end}evaluate: done in {_duration(elapsed)}", file=self.stream, flush=True)
+
+
+def _fingerprint(model, x, y, seed):
+    """What the saved per-example results depend on besides the attack: weights, data, seed."""
+    digest = hashlib.sha1()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    digest.update(str(seed).encode())
+    return digest.hexdigest()
+
+
+class _ProgressStore:
+    """Per-example results of each evaluation stage, saved atomically after every batch in
+    ``directory`` (``<output_dir>/eval_progress``), so an interrupted evaluation resumes. Results
+    saved for other weights, data or seed (another fingerprint) are discarded."""
+
+    def __init__(self, directory, fingerprint):
+        from tfadv.checkpoint import atomic_write_text
+
+        self._write = atomic_write_text
+        self.directory = directory
+        marker = os.path.join(directory, "fingerprint")
+        if os.path.isdir(directory):
+            try:
+                with open(marker) as f:
+                    same = f.read().strip() == fingerprint
+            except OSError:
+                same = False
+            if not same:
+                shutil.rmtree(directory)
+        os.makedirs(directory, exist_ok=True)
+        if not os.path.exists(marker):
+            self._write(marker, fingerprint + "\n")
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(name, attack):
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
+        return f"{slug}-{hashlib.sha1(repr(attack).encode()).hexdigest()[:10]}"
+
+    def load(self, key):
+        """``({batch index: (correct, stats)}, first adversarial images or None)``."""
+        path = os.path.join(self.directory, key + ".json")
+        if not os.path.exists(path):
+            return {}, None
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            done = {int(i): (np.asarray(v["correct"], bool), v["stats"])
+                    for i, v in saved["batches"].items()}
+            first = None
+            if os.path.exists(os.path.join(self.directory, key + ".npy")):
+                first = np.load(os.path.join(self.directory, key + ".npy"))
+        except (OSError, ValueError, KeyError):
+            logging.warning("evaluate: unreadable saved results %s; recomputing them", path)
+            return {}, None
+        return done, first
+
+    def save(self, key, done, first):
+        with self._lock:
+            if first is not None:
+                tmp = os.path.join(self.directory, f".tmp-{key}.npy")
+                np.save(tmp, first)
+                os.replace(tmp, os.path.join(self.directory, key + ".npy"))
+            payload = {"batches": {str(i): {"correct": c.astype(int).tolist(), "stats": s}
+                                   for i, (c, s) in sorted(done.items())}}
+            self._write(os.path.join(self.directory, key + ".json"), json.dumps(payload))
+
+    def remove(self):
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Runner:
+    """Runs one attack over all batches: in parallel over devices, resumable, with progress."""
+
+    def __init__(self, batches, predict, devices, store, progress):
+        self.batches = batches
+        self.predict = predict
+        self.devices = devices
+        self.store = store
+        self.progress = progress
+
+    def _one(self, attack, attack_model, index, device):
+        x, y = self.batches[index]
+        with tf.device(device) if device else _nullcontext():
+            if hasattr(attack, "run"):  # AutoAttack: per-batch stats, safe in parallel
+                x_adv, stats = attack.run(attack_model, x, y)
+            else:
+                x_adv, stats = np.asarray(attack(attack_model, x, y)), {}
+            correct = np.argmax(np.asarray(self.predict(x_adv)), -1) == y
+        return correct, dict(stats), (np.asarray(x_adv[:8]) if index == 0 else None)
+
+    def run(self, name, attack, model, attack_model=None):
+        """Returns ``(correct, stats, first)``: per-example correctness on ``model`` of the
+        points ``attack`` found on ``attack_model`` (default ``model``), the summed stats of an
+        ensemble, and the first batch's first 8 adversarial images."""
+        attack_model = model if attack_model is None else attack_model
+        key = _ProgressStore.key(name, attack)
+        done, first = self.store.load(key) if self.store else ({}, None)
+        done = {i: v for i, v in done.items() if i < len(self.batches)
+                and len(v[0]) == len(self.batches[i][1])}
+        self.progress.set_stage(name)
+        self.progress.add(sum(len(self.batches[i][1]) for i in done))
+        todo = [i for i in range(len(self.batches)) if i not in done]
+        if 0 in todo:
+            first = None
+
+        def finish(index, correct, stats, adv):
+            nonlocal first
+            done[index] = (correct, stats)
+            if adv is not None:
+                first = adv
+            if self.store:
+                self.store.save(key, done, first)
+            self.progress.add(len(correct))
+
+        if len(self.devices) == 1:
+            for index in todo:
+                finish(index, *self._one(attack, attack_model, index, self.devices[0]))
+        else:
+            self._parallel(attack, attack_model, todo, finish)
+        correct = np.concatenate([done[i][0] for i in range(len(self.batches))])
+        stats = {}
+        for i in range(len(self.batches)):
+            for k, v in done[i][1].items():
+                stats[k] = stats.get(k, 0) + int(v)
+        return correct, stats, first
+
+    def _parallel(self, attack, attack_model, todo, finish):
+        """One thread per device, each taking the next batch (results keyed by batch index, so
+        the order of completion does not matter)."""
+        work, errors, lock = queue.Queue(), [], threading.Lock()
+        for index in todo:
+            work.put(index)
+
+        def worker(device):
+            while not errors:
+                try:
+                    index = work.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    out = self._one(attack, attack_model, index, device)
+                    with lock:
+                        finish(index, *out)
+                except BaseException as error:  # noqa: BLE001 (re-raised in the caller)
+                    errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(d,), daemon=True)
+                   for d in self.devices]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def curve_attack(eps, norm, seed=0, randomised=False):
+    """The attack behind the robustness curve: AutoAttack's cheaper screen, APGD-CE + APGD-T
+    (version ``fast``), or its EOT version ``rand`` for a randomised model."""
+    return AutoAttack(eps, norm=norm, version="rand" if randomised else "fast", seed=seed)
 
 
 def _large_eps(norm, image_shape):
@@ -125,9 +393,30 @@ def _large_eps(norm, image_shape):
     return 1.0 if parse_norm(norm) == np.inf else float(np.sqrt(np.prod(image_shape)))
 
 
+def _threat(attacks):
+    return next(({"norm": norm_name(a.norm), "eps": a.eps}
+                 for a in attacks.values() if hasattr(a, "eps") and hasattr(a, "norm")), None)
+
+
+def _autoattack_version(attacks):
+    versions = {a.version for a in attacks.values() if isinstance(a, AutoAttack)}
+    return next((v for v in ("standard", "rand", "fast") if v in versions), None)
+
+
 # --- sanity checks ---------------------------------------------------------------------------
-def _check(name, passed, verdict, **details):
-    return {"name": name, "passed": passed, "verdict": verdict, **details}
+def _check(name, passed, verdict, affects_headline=True, **details):
+    return {"name": name, "passed": passed, "verdict": verdict,
+            "affects_headline": affects_headline, **details}
+
+
+def _determinism_check(model, x):
+    a, b = np.asarray(model(x, training=False)), np.asarray(model(x, training=False))
+    same = bool(np.allclose(a, b, atol=1e-5))
+    return _check("deterministic", same,
+                  "ok: predictions are deterministic" if same else
+                  "FAILED: predictions change between identical calls: a randomised model needs "
+                  "attacks with expectation over transformation (EOT); plain gradient attacks "
+                  "overstate its robustness")
 
 
 def _gradient_check(model, x, y):
@@ -161,20 +450,18 @@ def _gradient_check(model, x, y):
                   finite=finite)
 
 
-def sanity_checks(model, first_batch, robust, attacks, curve, num_examples):
-    """The checks listed in the module docstring; each a dict with a plain-language verdict."""
-    x, y = first_batch
+def model_checks(model, x, y):
+    """The checks on the model alone, run before any attack (they choose the remedies):
+    deterministic predictions, and finite, non-zero input gradients."""
+    return [_determinism_check(model, x), _gradient_check(model, x, y)]
+
+
+def attack_checks(robust, attacks, curve, num_examples):
+    """The checks on the attacks' results (``robust``: name -> per-example 0/1): iterative vs
+    single-step, black-box vs white-box, monotone in eps, and fixed-step PGD vs the strongest
+    attack (`PGD_GAP`; it does not affect the headline)."""
     tol = 1.0 / max(num_examples, 1) + 1e-9
     checks = []
-    a, b = np.asarray(model(x, training=False)), np.asarray(model(x, training=False))
-    same = bool(np.allclose(a, b, atol=1e-5))
-    checks.append(_check("deterministic", same,
-                         "ok: predictions are deterministic" if same else
-                         "FAILED: predictions change between identical calls: a randomised "
-                         "model needs attacks with expectation over transformation (EOT); "
-                         "these numbers overstate robustness"))
-    checks.append(_gradient_check(model, x, y))
-
     accs = {name: float(r.mean()) for name, r in robust.items()}
     single = [n for n, at in attacks.items() if getattr(at, "steps", None) == 1]
     iterative = [n for n, at in attacks.items() if (getattr(at, "steps", 0) or 0) > 1]
@@ -214,6 +501,21 @@ def sanity_checks(model, first_batch, robust, attacks, curve, num_examples):
                        f"{curve[-1]['eps']:g}, where any image is allowed: the attack cannot "
                        f"find adversarial examples it must exist for (gradient masking)")
         checks.append(_check("monotone_in_eps", ok, verdict))
+    pgd = [n for n, at in attacks.items()
+           if isinstance(at, PGD) and at.steps > 1 and n in accs]
+    if pgd and len(accs) > len(pgd):
+        strongest = min(accs, key=accs.get)
+        weakest_pgd = max(pgd, key=accs.get)
+        gap = accs[weakest_pgd] - accs[strongest]
+        ok = gap <= PGD_GAP + 1e-9
+        checks.append(_check(
+            "pgd_vs_strongest", ok,
+            f"ok: fixed-step PGD is within {100 * PGD_GAP:.0f} points of the strongest attack"
+            if ok else
+            f"FAILED: the strongest attack ({strongest}, {accs[strongest]:.2%}) beats "
+            f"{weakest_pgd} ({accs[weakest_pgd]:.2%}) by {100 * gap:.1f} points: fixed-step "
+            f"PGD is unreliable on this model and its number must not be quoted (the headline "
+            f"includes the strongest attack)", affects_headline=False, gap=gap))
     return checks
 
 
@@ -224,14 +526,19 @@ def _plot_curve(curve, norm, eps, path, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot([c["eps"] for c in curve], [100 * c["accuracy"] for c in curve], "o-")
+    ax.plot([c["eps"] for c in curve], [100 * c["accuracy"] for c in curve], "o-",
+            label="robust accuracy")
+    head = [c for c in curve if c.get("attack") == "headline"]
+    if head:
+        ax.plot([head[0]["eps"]], [100 * head[0]["accuracy"]], "r*", markersize=11,
+                label="headline (worst case incl. AutoAttack)")
     ax.set_xlabel(f"eps ({'L-inf' if parse_norm(norm) == np.inf else 'L2'}, [0, 1] pixels)")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.axvline(eps, color="gray", linestyle="--", linewidth=1, label=f"threat model eps={eps:g}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -242,7 +549,7 @@ def _plot_examples(x, x_adv, y, clean_pred, adv_pred, attack_name, path, count=8
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    count = min(count, len(y))
+    count = min(count, len(y), len(x_adv))
     fig, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6), dpi=120, squeeze=False)
     cmap = "gray" if x.shape[-1] == 1 else None
     for i in range(count):
@@ -264,34 +571,108 @@ def _plot_examples(x, x_adv, y, clean_pred, adv_pred, attack_name, path, count=8
 
 
 # --- the evaluation --------------------------------------------------------------------------
-@gin.configurable(denylist=["model", "dataset", "output_dir"])
-def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FRACTIONS,
-             max_examples=None, output_dir=None, seed=0, verbose=1):
+def _remedies(model, checks, threat, x, seed, square_queries, version):
+    """``name -> (attack, attack_model, reason)`` for the failed model checks (module docstring)."""
+    from tfadv.attacks.bpda import bpda_model, find_gradient_blockers
+    from tfadv.attacks.square import Square
+
+    failed = {c["name"] for c in checks if c["passed"] is False}
+    eps, norm = threat["eps"], threat["norm"]
+    out = {}
+    if "deterministic" in failed:
+        out["eot-autoattack-rand"] = (
+            AutoAttack(eps, norm=norm, version="rand", seed=seed), None,
+            f"randomised predictions: APGD-CE and APGD-DLR with EOT over {EOT_SAMPLES} calls "
+            f"per gradient (AutoAttack 'rand')")
+    if "gradients" in failed:
+        out[f"square-{square_queries}"] = (
+            Square(eps, norm=norm, n_queries=square_queries, seed=seed + 1), None,
+            f"masked gradients: the black-box Square attack with {square_queries} queries")
+        blockers = find_gradient_blockers(model, x)
+        if blockers:
+            names = ", ".join(layer.name for layer in blockers)
+            out["bpda-autoattack"] = (
+                AutoAttack(eps, norm=norm, version=version or "standard", seed=seed),
+                bpda_model(model, blockers),
+                f"masked gradients: BPDA (straight-through backward pass) through the layers "
+                f"that block the gradient ({names}), then AutoAttack")
+    return out
+
+
+def _headline(result, sanity, version):
+    robust = result["robust_accuracy"]
+    if not robust:
+        return {"accuracy": None, "verdict": "no attack was run", "reliable": False,
+                "autoattack": None, "label": "no robust accuracy (no attack)"}
+    failed = [c["name"] for c in result["sanity_checks"]
+              if c["passed"] is False and c.get("affects_headline", True)]
+    if version is None:
+        failed.append("no_autoattack")
+    if failed:
+        verdict = "unreliable: " + ", ".join(failed)
+    elif not sanity:
+        verdict = "unchecked: the sanity checks were not run"
+    else:
+        verdict = "reliable"
+    label = {"standard": "worst case incl. AutoAttack (standard)",
+             "rand": "worst case incl. AutoAttack (rand, EOT)",
+             "fast": "worst case incl. AutoAttack-FAST (APGD-CE + APGD-T, not the standard "
+                     "ensemble)",
+             None: "worst case WITHOUT AutoAttack"}[version]
+    return {"accuracy": result["worst_case_accuracy"], "verdict": verdict,
+            "reliable": not failed, "autoattack": version, "label": label,
+            "attacks": list(robust)}
+
+
+@gin.configurable(denylist=["model", "dataset", "output_dir", "strategy"])
+def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", remedies=True,
+             curve_fractions=CURVE_FRACTIONS, max_examples=None, output_dir=None, seed=0,
+             verbose=1, strategy=None, resume=True, square_queries=10000):
     """Evaluates ``model`` (images in [0, 1] -> logits) on a batched ``dataset`` of (x, y).
 
     Args:
-      attacks: dict ``name -> attack``, each called as ``attack(model, x, y)``.
-      sanity: run the sanity checks and the robustness curve (needs an attack with ``eps``).
+      attacks: dict ``name -> attack``, each called as ``attack(model, x, y)``; the first with
+        ``eps`` and ``norm`` sets the threat model.
+      sanity: run the sanity checks, the remedies and the robustness curve.
+      autoattack: the AutoAttack added to ``attacks`` for the headline when none is there:
+        ``'standard'`` (default), ``'fast'`` (labelled as such everywhere) or ``None`` (no
+        AutoAttack: the verdict is then ``unreliable: no_autoattack``).
+      remedies: run the adaptive attacks a failed check calls for (module docstring).
       curve_fractions: multiples of the threat model's eps for the robustness curve; an eps at
         which any image is reachable is appended.
       max_examples: evaluate on the first ``max_examples`` examples only.
-      output_dir: where to write ``eval.json`` and the PNGs (nothing written when ``None``).
-      seed: seed of the curve's PGD.
-      verbose: progress bar per attack.
+      output_dir: where to write ``eval.json`` and the PNGs, and the per-example progress that
+        makes an interrupted evaluation resumable (nothing written when ``None``).
+      seed: seed of the added AutoAttack, the remedies and the curve.
+      verbose: 1 for the progress bar, 0 for silence.
+      strategy: a `tf.distribute` strategy whose local devices run batches in parallel
+        (default: the current strategy).
+      resume: reuse the per-example results saved in ``output_dir`` by an interrupted
+        evaluation of the same weights, data and seed.
+      square_queries: query budget of the Square remedy for masked gradients (AutoAttack's own
+        Square has 5,000).
 
     Returns:
-      dict with ``num_examples``, ``clean_accuracy``, ``robust_accuracy`` (per attack),
-      ``worst_case_accuracy``, ``counts``, ``seconds`` (per attack), ``threat_model``,
-      ``attack_details`` (per ensemble: examples each component fooled first),
-      ``robustness_curve``, ``sanity_checks`` and ``per_example`` (0/1 lists).
+      dict with ``headline`` (``accuracy``, ``verdict``, ``reliable``, ``autoattack``,
+      ``label``), ``num_examples``, ``clean_accuracy``, ``robust_accuracy`` (per attack, the
+      remedies included), ``worst_case_accuracy`` (= the headline accuracy), ``remedies``,
+      ``counts``, ``seconds``, ``threat_model``, ``attack_details`` (per ensemble: examples each
+      component fooled first), ``robustness_curve``, ``sanity_checks`` and ``per_example``.
     """
+    if autoattack not in (*HEADLINE_VERSIONS, None):
+        raise ValueError(f"evaluate.autoattack must be one of {HEADLINE_VERSIONS} or None; got "
+                         f"{autoattack!r}.")
+    from tfadv.attacks.base import check_number
+
+    check_number("square_queries", square_queries, 2, strict=False, integer=True)
     attacks = dict(attacks or {})
     check_logits_model(model)
     batches = _batches(dataset, max_examples)
     if not batches:
         raise ValueError("the dataset to evaluate on is empty.")
-    predict = _predict_fn(model)
-    check_logits_model(model, batches[0][0].shape[1:])
+    image_shape = batches[0][0].shape[1:]
+    check_logits_model(model, image_shape)
+    predict = _predict_fn(model, image_shape)
     first_out = np.asarray(predict(batches[0][0]))
     if first_out.ndim != 2:
         raise ValueError(f"model must output (batch, num_classes) logits; got {first_out.shape}.")
@@ -303,41 +684,75 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
     x_all = np.concatenate([b[0] for b in batches])
     y_all = np.concatenate([b[1] for b in batches])
     n = len(y_all)
+    threat = _threat(attacks)
+    if autoattack and threat and not any(isinstance(a, AutoAttack) for a in attacks.values()):
+        name = "autoattack" if autoattack == "standard" else "autoattack-fast"
+        attacks[name] = AutoAttack(threat["eps"], norm=threat["norm"], version=autoattack,
+                                   seed=seed)
 
     start = time.perf_counter()
     clean_logits = np.concatenate([np.asarray(predict(x)) for x, _ in batches])
     clean = np.argmax(clean_logits, -1) == y_all
     seconds = {"clean": time.perf_counter() - start}
-    robust, adversarial, details = {}, {}, {}
-    for name, attack in attacks.items():
+    checks = model_checks(model, *batches[0]) if sanity else []
+    extra = (_remedies(model, checks, threat, batches[0][0], seed, square_queries,
+                       _autoattack_version(attacks))
+             if sanity and remedies and threat else {})
+    randomised = any(c["name"] == "deterministic" and c["passed"] is False for c in checks)
+    grid = []
+    if sanity and threat:
+        grid = [f * threat["eps"] for f in curve_fractions] + [
+            _large_eps(threat["norm"], image_shape)]
+    curve_runs = [e for e in grid if e > 0 and not np.isclose(e, threat["eps"])]
+
+    store = None
+    if output_dir is not None and resume:
+        store = _ProgressStore(os.path.join(output_dir, "eval_progress"),
+                               _fingerprint(model, x_all, y_all, seed))
+    progress = Progress(n * (len(attacks) + len(extra) + len(curve_runs)),
+                        verbose=verbose if (attacks or extra) else 0)
+    runner = _Runner(batches, predict, _devices(strategy), store, progress)
+
+    robust, first_adv, details, remedy_report = {}, {}, {}, []
+    runs = [(name, attack, None, None) for name, attack in attacks.items()]
+    runs += [(name, attack, attack_model, reason)
+             for name, (attack, attack_model, reason) in extra.items()]
+    for name, attack, attack_model, reason in runs:
         if hasattr(attack, "reset_stats"):
             attack.reset_stats()
         start = time.perf_counter()
-        correct, adversarial[name] = _run_attack(attack, model, batches, predict, verbose, name)
+        correct, stats, first_adv[name] = runner.run(name, attack, model, attack_model)
         seconds[name] = time.perf_counter() - start
         robust[name] = correct & clean  # a misclassified clean input is not robust
-        if hasattr(attack, "stats"):  # an ensemble: examples each component fooled first
-            details[name] = dict(attack.stats)
+        if isinstance(attack, AutoAttack):
+            attack.stats = dict(stats)
+            details[name] = dict(stats)
+        if reason is not None:
+            remedy_report.append({"name": name, "reason": reason, "attack": repr(attack),
+                                  "accuracy": float(robust[name].mean())})
     worst = clean.copy()
     for r in robust.values():
         worst &= r
 
-    threat = next(({"norm": norm_name(a.norm), "eps": a.eps}
-                   for a in attacks.values() if hasattr(a, "eps") and hasattr(a, "norm")), None)
-    curve, checks = [], []
-    if sanity and threat is not None:
-        image_shape = x_all.shape[1:]
-        grid = [f * threat["eps"] for f in curve_fractions] + [
-            _large_eps(threat["norm"], image_shape)]
+    curve = []
+    if grid:
         start = time.perf_counter()
         for eps in grid:
-            correct, _ = _run_attack(curve_attack(eps, threat["norm"], seed), model, batches,
-                                     predict, 0, f"curve eps={eps:g}")
-            curve.append({"eps": float(eps), "accuracy": float((correct & clean).mean())})
+            if eps == 0:
+                correct, source = clean, "clean"
+            elif np.isclose(eps, threat["eps"]):
+                correct, source = worst, "headline"
+            else:
+                attack = curve_attack(eps, threat["norm"], seed, randomised)
+                correct, _, _ = runner.run(f"curve eps={eps:g}", attack, model)
+                correct, source = correct & clean, repr(attack)
+            curve.append({"eps": float(eps), "accuracy": float(correct.mean()),
+                          "attack": source})
         seconds["robustness_curve"] = time.perf_counter() - start
-        checks = sanity_checks(model, batches[0], robust, attacks, curve, n)
-    elif sanity:
-        checks = sanity_checks(model, batches[0], robust, attacks, [], n)
+    progress.close()
+    if sanity:
+        all_attacks = {**attacks, **{k: v[0] for k, v in extra.items()}}
+        checks += attack_checks(robust, all_attacks, curve, n)
     for c in checks:
         if c["passed"] is False:
             logging.warning("sanity check %s: %s", c["name"], c["verdict"])
@@ -347,6 +762,7 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
         "clean_accuracy": float(clean.mean()),
         "robust_accuracy": {k: float(v.mean()) for k, v in robust.items()},
         "worst_case_accuracy": float(worst.mean()),
+        "remedies": remedy_report,
         "counts": {"clean_correct": int(clean.sum()),
                    **{k: int(v.sum()) for k, v in robust.items()},
                    "worst_case": int(worst.sum())},
@@ -360,12 +776,15 @@ def evaluate(model, dataset, attacks=None, sanity=True, curve_fractions=CURVE_FR
                         **{k: v.astype(int).tolist() for k, v in robust.items()},
                         "worst_case": worst.astype(int).tolist()},
     }
+    result["headline"] = _headline(result, sanity, _autoattack_version(attacks))
     if output_dir is not None:
-        write_artifacts(result, output_dir, x_all, y_all, clean_logits, adversarial, predict)
+        write_artifacts(result, output_dir, x_all, y_all, clean_logits, first_adv, predict)
+        if store is not None:
+            store.remove()
     return result
 
 
-def write_artifacts(result, output_dir, x, y, clean_logits, adversarial, predict):
+def write_artifacts(result, output_dir, x, y, clean_logits, first_adv, predict):
     """Writes eval.json (atomically), robustness_curve.png and examples.png."""
     from tfadv.checkpoint import atomic_write_text
 
@@ -375,38 +794,79 @@ def write_artifacts(result, output_dir, x, y, clean_logits, adversarial, predict
         threat = result["threat_model"]
         _plot_curve(result["robustness_curve"], threat["norm"], threat["eps"],
                     os.path.join(output_dir, "robustness_curve.png"),
-                    "PGD-20 robust accuracy (every iterate counts)")
-    if adversarial:
+                    f"{curve_title(result)}\n{result['headline']['label']} at eps "
+                    f"{threat['eps']:g}: {100 * result['headline']['accuracy']:.1f}% "
+                    f"[{result['headline']['verdict']}]")
+    shown = {k: v for k, v in first_adv.items() if v is not None}
+    if shown:
         # Show the strongest attack: the one with the lowest robust accuracy.
-        name = min(result["robust_accuracy"], key=result["robust_accuracy"].get)
-        x_adv = adversarial[name][:8]
-        _plot_examples(x[:8], x_adv, y[:8], np.argmax(clean_logits[:8], -1),
+        name = min(shown, key=result["robust_accuracy"].get)
+        x_adv = shown[name]
+        count = len(x_adv)
+        _plot_examples(x[:count], x_adv, y[:count], np.argmax(clean_logits[:count], -1),
                        np.argmax(np.asarray(predict(x_adv)), -1), name,
                        os.path.join(output_dir, "examples.png"))
 
 
+def curve_title(result):
+    """Which attack the robustness curve used, in words."""
+    attacks = {c["attack"] for c in result.get("robustness_curve", [])}
+    family = ("AutoAttack rand (EOT APGD-CE + APGD-DLR)" if any("rand" in a for a in attacks)
+              else "AutoAttack fast (APGD-CE + APGD-T)")
+    return f"robustness curve: {family} per eps"
+
+
+def headline_line(result):
+    """The one line to quote: the headline accuracy, what it is, and its verdict."""
+    head = result["headline"]
+    if head["accuracy"] is None:
+        return f"robust accuracy: none ({head['verdict']})"
+    threat = result.get("threat_model") or {}
+    where = f", {threat['norm']} eps={threat['eps']:g}" if threat else ""
+    return (f"ROBUST ACCURACY {100 * head['accuracy']:.2f}%  [{head['verdict']}]  "
+            f"({head['label']}{where}, {result['num_examples']} examples)")
+
+
 def format_table(result):
-    """A plain-text table of an `evaluate` result, with the sanity-check verdicts."""
+    """The headline line with its verdict, then a plain-text table of every attack (the
+    diagnostics), the remedies, and the sanity-check verdicts."""
     rows = [("clean", result["clean_accuracy"], result["seconds"].get("clean", 0.0))]
-    rows += [(name, acc, result["seconds"].get(name, 0.0))
+    remedy_names = {r["name"] for r in result.get("remedies", [])}
+    rows += [(name + (" (remedy)" if name in remedy_names else ""), acc,
+              result["seconds"].get(name, 0.0))
              for name, acc in result["robust_accuracy"].items()]
     if result["robust_accuracy"]:
         rows.append(("worst case", result["worst_case_accuracy"], float("nan")))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'attack':<{width}}  accuracy  seconds", "-" * (width + 19)]
+    lines = [headline_line(result), "",
+             f"{'attack':<{width}}  accuracy  seconds", "-" * (width + 19)]
     for name, acc, sec in rows:
         sec_text = "" if np.isnan(sec) else f"{sec:7.1f}"
         lines.append(f"{name:<{width}}  {100 * acc:7.2f}%  {sec_text}")
     for name, stats in result.get("attack_details", {}).items():
         parts = ", ".join(f"{k} {v}" for k, v in stats.items())
         lines.append(f"{name}: examples fooled first by each component: {parts}")
-    threat = result.get("threat_model")
-    where = f", {threat['norm']} eps={threat['eps']:g}" if threat else ""
-    lines.append(f"({result['num_examples']} examples{where})")
+    for remedy in result.get("remedies", []):
+        lines.append(f"remedy {remedy['name']}: {100 * remedy['accuracy']:.2f}% "
+                     f"({remedy['reason']})")
+    if result.get("robustness_curve"):
+        lines.append(curve_title(result) + ": " + ", ".join(
+            f"{c['eps']:g}: {100 * c['accuracy']:.1f}%" for c in result["robustness_curve"]))
     for check in result.get("sanity_checks", []):
         mark = "PASS" if check["passed"] else "FAIL"
         lines.append(f"[{mark}] {check['name']}: {check['verdict']}")
-    if any(c["passed"] is False for c in result.get("sanity_checks", [])):
-        lines.append("!!! WARNING: a sanity check failed: the robust accuracy above may be an "
-                     "overestimate. Read the verdicts before reporting it. !!!")
+    if not result["headline"].get("reliable", False) and result["headline"]["verdict"].startswith(
+            "unreliable"):
+        lines.append("!!! WARNING: the robust accuracy is UNRELIABLE (a sanity check failed): "
+                     "it may be an overestimate. Read the verdicts and the remedies before "
+                     "reporting it. !!!")
+    lines.append(headline_line(result))
     return "\n".join(lines)
+
+
+def exit_code(result, allow_unreliable=False):
+    """`UNRELIABLE_EXIT_CODE` when the headline's verdict is unreliable (and not allowed), else
+    0: the exit status of bin/train and bin/evaluate."""
+    verdict = (result.get("headline") or {}).get("verdict", "")
+    return UNRELIABLE_EXIT_CODE if verdict.startswith("unreliable") and not allow_unreliable \
+        else 0

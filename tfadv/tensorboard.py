@@ -184,8 +184,9 @@ class AdversarialSummaries(keras.callbacks.Callback):
             for point in curve:
                 tf.summary.scalar("robustness_curve/accuracy", point["accuracy"],
                                   step=int(round(1000 * point["eps"])),
-                                  description="robust accuracy against PGD-20 at radius "
-                                              "eps = step / 1000")
+                                  description="robust accuracy at radius eps = step / "
+                                              "1000 (AutoAttack's fast screen; at the threat "
+                                              "model's eps the headline)")
             plot = os.path.join(self.model_dir, "robustness_curve.png")
             if curve and os.path.exists(plot):
                 image = tf.image.decode_png(tf.io.read_file(plot), channels=3)

@@ -11,9 +11,11 @@ writes to ``model_dir``:
 - ``checkpoints/``: one checkpoint per epoch; running the same command again resumes after the
   last finished epoch;
 - ``model.keras``: the trained base classifier (the defense wrapper is not saved);
-- ``report.json``: clean and robust test accuracy per attack, worst case, sanity checks and the
-  training history, also printed as a table; ``eval.json``, ``robustness_curve.png`` and
-  ``examples.png`` from `tfadv.evaluation.evaluate` (per-example results and plots).
+- ``report.json``: the headline robust accuracy (the worst case over every attack, the standard
+  AutoAttack included) with its verdict, clean and robust test accuracy per attack, the remedies
+  a failed sanity check ran, the sanity checks and the training history, also printed as a
+  table; ``eval.json``, ``robustness_curve.png`` and ``examples.png`` from
+  `tfadv.evaluation.evaluate` (per-example results and plots).
 """
 
 import functools
@@ -217,7 +219,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     if early_stopping is not None and os.path.exists(early_stopping.best_path):
         ckpt.atomic_save_model(base_model, os.path.join(out_dir, "model_last.keras"))
         last = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
-                                   sanity=False, verbose=0)
+                                   sanity=False, verbose=0, strategy=strat)
         best = keras.models.load_model(early_stopping.best_path)
         base_model.set_weights(best.get_weights())
         print(f"tfadv: selected the checkpoint of epoch {early_stopping.state['best_epoch']} "
@@ -228,7 +230,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     ckpt.atomic_write_text(os.path.join(out_dir, "config.gin"), config_text)
 
     result = evaluation.evaluate(base_model, data.test, attacks=eval_attacks or {},
-                                 output_dir=out_dir, verbose=1 if verbose else 0)
+                                 output_dir=out_dir, verbose=1 if verbose else 0, strategy=strat)
     summaries.write_robustness_curve(result)
     report = {
         "dataset": data.name,
@@ -238,7 +240,8 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
         "epochs": epochs,
         "resumed_from_epoch": initial_epoch,
         "train_seconds": round(train_seconds, 1),
-        **{k: v for k, v in result.items() if k != "per_example"},
+        "headline": result["headline"],
+        **{k: v for k, v in result.items() if k not in ("per_example", "headline")},
         "history": history,
     }
     if last is not None:
@@ -247,7 +250,7 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
             "monitor": early_stopping.monitor, "selected_epoch": state["best_epoch"],
             "selected_value": state["best"], "stopped_epoch": state["stopped_epoch"],
             "validation_freq": validation_freq}
-        report["last"] = {k: last[k] for k in ("clean_accuracy", "robust_accuracy",
+        report["last"] = {k: last[k] for k in ("headline", "clean_accuracy", "robust_accuracy",
                                                "worst_case_accuracy") if k in last}
     if callable(getattr(wrapped, "certified_report", None)):  # certified defenses (IBP)
         certified = wrapped.certified_report(base_model, data.test)

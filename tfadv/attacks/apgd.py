@@ -73,17 +73,20 @@ def _per_example(v, like):
 class _APGDBase(Attack):
     """The APGD iteration, restarts and bookkeeping shared by `APGD` and `APGDTargeted`."""
 
-    def __init__(self, eps, norm, steps, restarts, rho, clip_min, clip_max, seed):
+    def __init__(self, eps, norm, steps, restarts, rho, clip_min, clip_max, seed,
+                 eot_samples=1):
         super().__init__(clip_min=clip_min, clip_max=clip_max, seed=seed)
         check_number("eps", eps, 0.0, strict=False)
         check_number("steps", steps, 1, strict=False, integer=True)
         check_number("restarts", restarts, 1, strict=False, integer=True)
         check_number("rho", rho, 0.0, strict=False, high=1.0)
+        check_number("eot_samples", eot_samples, 1, strict=False, integer=True)
         self.eps = float(eps)
         self.norm = parse_norm(norm)
         self.steps = int(steps)
         self.restarts = int(restarts)
         self.rho = float(rho)
+        self.eot_samples = int(eot_samples)
 
     # -- what the subclasses define -------------------------------------------------------------
     def _num_objectives(self, num_classes):
@@ -102,13 +105,29 @@ class _APGDBase(Attack):
         return 2
 
     # -- one APGD run (Algorithm 1) -------------------------------------------------------------
-    def _loss_and_grad(self, model, x_adv, labels, aux):
+    def _one_loss_and_grad(self, model, x_adv, labels, aux):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
             logits = model(x_adv, training=False)
             losses = tf.cast(self._loss(labels, logits, aux), tf.float32)
             total = tf.reduce_sum(losses)
         grad = tape.gradient(total, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return losses, grad, logits
+
+    def _loss_and_grad(self, model, x_adv, labels, aux):
+        """Per-example loss, input gradient and fooled flags at ``x_adv``. With
+        ``eot_samples`` = K > 1 (expectation over transformation, for randomised models) the
+        gradient is the mean of K gradients, each from its own call of the model, and the loss
+        and fooled flags are those of the last call, as in the reference code's ``eot_iter``."""
+        losses, grad, logits = self._one_loss_and_grad(model, x_adv, labels, aux)
+        if self.eot_samples > 1:
+            def draw(k, total, losses, logits):
+                l, g, z = self._one_loss_and_grad(model, x_adv, labels, aux)
+                return k + 1, total + g, l, z
+
+            _, grad, losses, logits = tf.while_loop(
+                lambda k, *_: k < self.eot_samples, draw, (tf.constant(1), grad, losses, logits))
+            grad = grad / float(self.eot_samples)
         fooled = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
         return losses, grad, fooled
 
@@ -294,7 +313,11 @@ class APGD(_APGDBase):
     entry; L2: a Gaussian direction) before clipping to [0, 1]; the first window of
     Condition 1 compares f(x^(1)) with f(x^(0)) as in the paper (the code compares it with 0,
     an unfilled row of its loss buffer reached by index -1); an example not fooled is returned
-    at its highest-loss point rather than at x. No EOT, no L1 variant, no ``use_largereps``.
+    at its highest-loss point rather than at x. No L1 variant, no ``use_largereps``.
+
+    EOT (``eot_samples`` = K > 1, AutoAttack's ``version='rand'`` uses K = 20 with APGD-CE and
+    APGD-DLR): every gradient is the mean over K calls of a randomised model,
+    (1/K) sum_k grad f(x; omega_k), as in the reference code's ``eot_iter``.
 
     Args:
       eps: radius of the threat model (``>= 0``).
@@ -305,18 +328,21 @@ class APGD(_APGDBase):
       rho: Condition 1 threshold, in [0, 1] (0.75).
       clip_min, clip_max: the image box.
       seed: seed of the random starts (``None``: fresh randomness on every call).
+      eot_samples: K, model calls averaged per gradient (integer ``>= 1``; 1 = no EOT).
     """
 
     def __init__(self, eps, norm="linf", steps=100, restarts=1, loss="ce", rho=0.75,
-                 clip_min=0.0, clip_max=1.0, seed=0):
+                 clip_min=0.0, clip_max=1.0, seed=0, eot_samples=1):
         if loss not in _LOSSES:
             raise ValueError(f"loss must be one of {sorted(_LOSSES)}; got {loss!r}.")
-        super().__init__(eps, norm, steps, restarts, rho, clip_min, clip_max, seed)
+        super().__init__(eps, norm, steps, restarts, rho, clip_min, clip_max, seed,
+                         eot_samples=eot_samples)
         self.loss = loss
 
     def __repr__(self):
+        eot = f", eot_samples={self.eot_samples}" if self.eot_samples > 1 else ""
         return (f"APGD(eps={self.eps:g}, norm={norm_name(self.norm)}, steps={self.steps}, "
-                f"loss={self.loss}, restarts={self.restarts})")
+                f"loss={self.loss}, restarts={self.restarts}{eot})")
 
     def _num_objectives(self, num_classes):
         return 1

@@ -7,6 +7,10 @@ Versions (reference: fra31/auto-attack ``autoattack.py``, ``version='standard'``
   100 iterations), FAB-T (9 target classes, 100 iterations), Square (5,000 queries), run in this
   order, each only on the examples every earlier attack failed on. An example is robust only if
   it survives all four.
+- ``'rand'``: the reference's version for randomised defenses: APGD-CE and APGD-DLR, each with
+  expectation over transformation over 20 model calls per gradient (``eot_iter=20``), 100
+  iterations, 1 restart. `tfadv.evaluation` runs it by itself when a model's predictions change
+  between identical calls.
 - ``'fast'``: tfadv's cheaper screen, not in the reference: APGD-CE and APGD-T with 3 target
   classes. Use it while developing; report ``'standard'``.
 
@@ -21,13 +25,19 @@ import tensorflow as tf
 from tfadv.attacks.base import check_number
 from tfadv.attacks.pgd import norm_name, parse_norm, project
 
-VERSIONS = ("standard", "fast")
+VERSIONS = ("standard", "rand", "fast")
+EOT_SAMPLES = 20  # the reference's eot_iter of version 'rand'
 
 
 def components(eps, norm, version, seed):
     """The (name, attack) list of a version, with the reference's default parameters."""
     from tfadv.attacks.apgd import APGD, APGDTargeted
 
+    if version == "rand":
+        return [("apgd-ce", APGD(eps, norm=norm, steps=100, restarts=1, loss="ce", seed=seed,
+                                 eot_samples=EOT_SAMPLES)),
+                ("apgd-dlr", APGD(eps, norm=norm, steps=100, restarts=1, loss="dlr", seed=seed,
+                                  eot_samples=EOT_SAMPLES))]
     if version == "fast":
         return [("apgd-ce", APGD(eps, norm=norm, steps=100, restarts=1, loss="ce", seed=seed)),
                 ("apgd-t", APGDTargeted(eps, norm=norm, steps=100, n_target_classes=3,
@@ -48,7 +58,8 @@ class AutoAttack:
     Args:
       eps: radius of the threat model (``>= 0``), [0, 1] pixel units.
       norm: ``'linf'`` or ``'l2'``.
-      version: ``'standard'`` (the reference ensemble) or ``'fast'`` (see module docstring).
+      version: ``'standard'`` (the reference ensemble), ``'rand'`` (EOT, for randomised models)
+        or ``'fast'`` (see module docstring).
       seed: seed of every component (deterministic for a seed).
 
     After each call, ``stats`` maps each component to the number of examples it was the first to
@@ -76,9 +87,19 @@ class AutoAttack:
         return f"AutoAttack(eps={self.eps:g}, norm={norm}, version={self.version}: {names})"
 
     def __call__(self, model, x, labels):
+        x_adv, stats = self.run(model, x, labels)
+        for name, count in stats.items():
+            self.stats[name] += count
+        return tf.convert_to_tensor(x_adv)
+
+    def run(self, model, x, labels):
+        """The cascade on one batch: returns ``(x_adv, stats)`` with ``stats`` the number of
+        examples each component fooled first in this batch (``__call__`` accumulates them in
+        ``self.stats``; `tfadv.evaluation` calls this directly, batches in parallel)."""
         x = np.asarray(x, dtype="float32")
         labels = np.asarray(labels)
         x_adv = x.copy()
+        stats = {name: 0 for name, _ in self.components}
         robust = np.argmax(np.asarray(model(x, training=False)), -1) == labels
         for name, attack in self.components:
             index = np.flatnonzero(robust)
@@ -89,5 +110,5 @@ class AutoAttack:
             fooled = np.argmax(np.asarray(model(out, training=False)), -1) != labels[index]
             x_adv[index[fooled]] = out[fooled]
             robust[index[fooled]] = False
-            self.stats[name] += int(fooled.sum())
-        return tf.convert_to_tensor(x_adv)
+            stats[name] += int(fooled.sum())
+        return x_adv, stats

@@ -16,6 +16,7 @@ ops seeded by `Attack.seed_tensor`, so the same inputs and seed give the same ou
 """
 
 import numbers
+import threading
 
 import tensorflow as tf
 
@@ -47,6 +48,7 @@ class Attack:
         self.seed = seed
         self.trace_count = 0
         self._functions = {}
+        self._lock = threading.Lock()  # `tfadv.evaluation` attacks batches in parallel threads
 
     def __call__(self, model, x, labels):
         return self.compiled(self._traced, model, x, labels)
@@ -60,15 +62,29 @@ class Attack:
             return traced(model, x, labels)
         key = (traced.__name__, id(model), tuple(x.shape[1:]), x.dtype, labels.dtype,
                tuple(labels.shape[1:]))
-        fn = self._functions.get(key)
-        if fn is None:
-            # autograph=False: attack loops are explicit tf.while_loops; autograph would re-read
-            # the source at trace time and slows tracing several-fold.
-            fn = tf.function(
-                lambda x_, y_: traced(model, x_, y_), autograph=False,
-                input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype),
-                                 tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)])
-            self._functions[key] = fn
+        with self._lock:
+            fn = self._functions.get(key)
+            if fn is None:
+                def entry(x_, y_):
+                    return traced(model, x_, y_)
+
+                # One name per attack object and entry point, so a trace count keyed by name
+                # shows a retrace. autograph=False: attack loops are explicit tf.while_loops;
+                # autograph would re-read the source at trace time and slows tracing down.
+                entry.__name__ = f"{type(self).__name__}_{id(self):x}_{traced.__name__}"
+                fn = tf.function(
+                    entry, autograph=False,
+                    input_signature=[tf.TensorSpec([None, *x.shape[1:]], x.dtype),
+                                     tf.TensorSpec([None, *labels.shape[1:]], labels.dtype)])
+                # TensorFlow's frequent-retracing warning counts traces per Python code object,
+                # so every attack object's one trace would add up to a false "retracing"
+                # warning (an evaluation builds many attacks); each function here has a fixed
+                # input signature and traces once (tests/test_tracing.py proves it).
+                fn._omit_frequent_tracing_warning = True  # noqa: SLF001
+                self._functions[key] = fn
+                # The first call traces; holding the lock makes a parallel first call wait
+                # for this trace instead of tracing the same function again.
+                return fn(x, labels)
         return fn(x, labels)
 
     def _traced(self, model, x, labels):

@@ -3,7 +3,9 @@
 Names: ``fgsm``; ``pgdK`` (PGD with K steps, e.g. ``pgd20``: step 2.5 eps / K, uniform random
 start, an example robust only if every iterate is classified correctly); ``pgdK-cw`` (the same
 with the Carlini-Wagner margin loss); ``mim``; ``cw-l2`` (L2 only); ``apgd-ce``; ``apgd-dlr``;
-``apgd-t``; ``fab-t``; ``square``; ``autoattack``; ``autoattack-fast``.
+``apgd-t``; ``fab-t``; ``square``; ``autoattack`` (the standard version, the headline of every
+report); ``autoattack-rand`` (APGD-CE and APGD-DLR with EOT over 20 samples, for randomised
+models); ``autoattack-fast`` (a cheaper screen, labelled as such wherever it is reported).
 """
 
 import re
@@ -11,7 +13,7 @@ import re
 from tfadv.attacks.pgd import FGSM, PGD, parse_norm
 
 NAMES = ("fgsm", "pgdK", "pgdK-cw", "mim", "cw-l2", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
-         "square", "autoattack", "autoattack-fast")
+         "square", "autoattack", "autoattack-rand", "autoattack-fast")
 
 
 def build_attack(name, eps, norm="linf", seed=0):
@@ -46,9 +48,9 @@ def build_attack(name, eps, norm="linf", seed=0):
     if key == "square":
         from tfadv.attacks.square import Square
         return Square(eps, norm=norm, seed=seed)
-    if key in ("autoattack", "autoattack-fast"):
+    if key in ("autoattack", "autoattack-rand", "autoattack-fast"):
         from tfadv.attacks.autoattack import AutoAttack
-        return AutoAttack(eps, norm=norm, version="fast" if key.endswith("fast") else "standard",
-                          seed=seed)
+        version = key.split("-")[1] if "-" in key else "standard"
+        return AutoAttack(eps, norm=norm, version=version, seed=seed)
     raise ValueError(f"unknown attack name {name!r}; known: {', '.join(NAMES)} "
                      f"(K = number of PGD steps).")
