@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tfadv.tensorboard import AdversarialSummaries, image_grid, logit_margin, perturbation_image
 
-EPS = 0.3  # pgd_at.gin's EPSILON
+EPS = 0.3  # pgd_at_base.gin's EPSILON
 NUM_IMAGES, COLUMNS = 6, 4  # a 2 x 4 grid whose last two cells stay empty
 
 
@@ -48,7 +48,8 @@ MODEL_DIR = []  # the --model_dir of the run on conftest's background lane
 def start_background(lane, tmp_path_factory):
     MODEL_DIR.append(tmp_path_factory.mktemp("tb") / "run")
     lane.submit_bin(
-        "test_tensorboard run", "train", "--gin_file=pgd_at.gin", f"--model_dir={MODEL_DIR[0]}",
+        "test_tensorboard run", "train", "--gin_file=pgd_at_base.gin",
+        f"--model_dir={MODEL_DIR[0]}",
         *[f"--gin_param={p}" for p in (
             "train.epochs = 2", "train.verbose = 2", "train_attack/PGD.steps = 1",
             "val_attack/PGD.steps = 2", "test_attack/PGD.steps = 2",

@@ -96,7 +96,7 @@ def test_attack_reuses_one_trace_for_every_batch_size():
 
 
 def _train_traces(traces, tmp_path, epochs):
-    config.parse(["pgd_at.gin"], [
+    config.parse(["pgd_at_base.gin"], [
         f"train.epochs = {epochs}", "train.verbose = 0", "train_attack/PGD.steps = 2",
         "val_attack/PGD.steps = 2", "test_attack/PGD.steps = 2", "evaluate.sanity = False",
         "evaluate.autoattack = 'fast'", "PiecewiseConstant.boundaries = [1, 2]"])

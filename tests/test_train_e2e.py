@@ -18,7 +18,7 @@ QUICK = ["test_attack/PGD.steps = 5", "test_attack/PGD.step_size = 0.1", "train.
          "evaluate.autoattack = 'fast'"]
 
 
-def _cmd(model_dir, params, gin_file="pgd_at.gin"):
+def _cmd(model_dir, params, gin_file="pgd_at_base.gin"):
     cmd = [sys.executable, os.path.join(ROOT, "bin", "train"), f"--gin_file={gin_file}",
            f"--model_dir={model_dir}"]
     return cmd + [f"--gin_param={p}" for p in params]

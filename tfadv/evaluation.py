@@ -39,6 +39,7 @@ Artifacts when ``output_dir`` is given: ``eval.json``, ``robustness_curve.png`` 
 eps) and ``examples.png`` (clean and adversarial images with predictions).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -126,8 +127,12 @@ def _predict_fn(model, image_shape):
         return model(x, training=False)
 
     predict.__name__ = f"predict_{id(model):x}"
-    return tf.function(predict, autograph=False,
-                       input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    fn = tf.function(predict, autograph=False,
+                     input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)])
+    # One trace per evaluation; TensorFlow's retracing warning would add up the traces of every
+    # evaluation in a process (it counts per code object), as for the attacks (attacks/base.py).
+    fn._omit_frequent_tracing_warning = True  # noqa: SLF001
+    return fn
 
 
 def _batches(dataset, max_examples):
@@ -300,7 +305,7 @@ class _Runner:
 
     def _one(self, attack, attack_model, index, device):
         x, y = self.batches[index]
-        with tf.device(device) if device else _nullcontext():
+        with tf.device(device) if device else contextlib.nullcontext():
             if hasattr(attack, "run"):  # AutoAttack: per-batch stats, safe in parallel
                 x_adv, stats = attack.run(attack_model, x, y)
             else:
@@ -372,14 +377,6 @@ class _Runner:
             thread.join()
         if errors:
             raise errors[0]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def curve_attack(eps, norm, seed=0, randomised=False):
