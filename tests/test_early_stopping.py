@@ -93,7 +93,7 @@ def test_bin_train_reports_selected_and_last_epoch(background_lane):
     history = report["history"]["val_robust_accuracy"]
     assert len(history) == 3 and stopping["selected_value"] == pytest.approx(max(history))
     assert history.index(max(history)) == stopping["selected_epoch"] // 2 - 1
-    assert set(report["last"]["robust_accuracy"]) == {"FGSM", "PGD-40"}
+    assert set(report["last"]["robust_accuracy"]) == {"FGSM", "PGD-40", "autoattack-fast"}
     # model.keras is the selected checkpoint; the last epoch's model is kept next to it.
     chosen = keras.models.load_model(model_dir / "model.keras").get_weights()
     best = keras.models.load_model(model_dir / "best.keras").get_weights()

@@ -74,8 +74,7 @@ def test_masked_models_are_unreliable_and_the_remedy_runs(trained_digits_model, 
     assert remedy in remedies, remedies
     accs = result["robust_accuracy"]
     # The headline is the worst case over every attack, the remedies included.
-    assert head["accuracy"] == pytest.approx(min(accs.values())) or head["accuracy"] <= min(
-        accs.values())
+    assert head["accuracy"] == result["worst_case_accuracy"] <= min(accs.values())
     if kind == "logits_x1e4":
         # AutoAttack's scale-invariant DLR attacks are not fooled by the rescaling: PGD is (and
         # the pgd_vs_strongest check says so), and the remedy has nothing to add.
@@ -83,6 +82,11 @@ def test_masked_models_are_unreliable_and_the_remedy_runs(trained_digits_model, 
         assert "pgd_vs_strongest" in failed
         assert not [c for c in result["sanity_checks"] if c["name"] == "pgd_vs_strongest"][0][
             "affects_headline"]
+    elif kind == "random_noise":
+        # EOT (APGD-CE and APGD-DLR averaging 20 gradients) beats the plain cross-entropy PGD
+        # it stands in for; against this mild noise (sigma 0.3) the plain APGD-T of the ensemble
+        # can still be stronger, so the headline takes the lower of the two.
+        assert accs[remedy] <= accs["pgd10"], accs
     else:
         # Where the remedy applies, it finds adversarial examples the plain ensemble missed.
         assert accs[remedy] < accs[plain], accs

@@ -392,7 +392,7 @@ def test_bin_train_awp_gin_writes_the_pgd_at_artifacts(background_lane):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((model_dir / "report.json").read_text())
     assert report["defense"] == "PGDAdversarialTraining" and report["epochs"] == 2
-    assert set(report["robust_accuracy"]) == {"FGSM", "PGD-40"}
+    assert set(report["robust_accuracy"]) == {"FGSM", "PGD-40", "autoattack-fast"}
     assert len(report["history"]["val_robust_accuracy"]) == 2
     config_text = (model_dir / "config.gin").read_text()
     assert "AWP.gamma = 0.01" in config_text and "PGDAdversarialTraining.awp = @AWP()" in (

@@ -50,8 +50,12 @@ def start_background(lane, tmp_path_factory):
     lane.submit_bin(
         "test_tensorboard run", "train", "--gin_file=pgd_at_base.gin",
         f"--model_dir={MODEL_DIR[0]}",
+        # The 2-step test PGD is weaker than FGSM, so the verdict is unreliable: this test is
+        # about the summaries, not the verdict.
+        "--allow_unreliable",
         *[f"--gin_param={p}" for p in (
             "train.epochs = 2", "train.verbose = 2", "train_attack/PGD.steps = 1",
+            "evaluate.autoattack = 'fast'",
             "val_attack/PGD.steps = 2", "test_attack/PGD.steps = 2",
             "evaluate.max_examples = 64", "evaluate.curve_fractions = [0.0, 0.5, 1.0]",
             "AdversarialSummaries.every_n_epochs = 1",
