@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from scipy.optimize import linprog
 
 from conftest import linear_model
-from tfadv import ot
+from tfadv import sinkhorn
 from tfadv.attacks import PGD, cross_entropy
 from tfadv.defenses import ModelState
 from tfadv.defenses.feature_scatter import (FeatureScatterAttack, FeatureScattering,
@@ -75,8 +75,8 @@ def _logits_pair(seed, batch=6, classes=10, noise=0.3):
 
 
 # Long Sinkhorn runs as one graph (an eager tf.while_loop dispatches op by op).
-_sinkhorn = tf.function(ot.sinkhorn, autograph=False)
-_potentials = tf.function(ot.sinkhorn_potentials, autograph=False)
+_sinkhorn = tf.function(sinkhorn.sinkhorn, autograph=False)
+_potentials = tf.function(sinkhorn.sinkhorn_potentials, autograph=False)
 
 
 # --- optimal transport ------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_cosine_cost_matches_numpy_including_clamp_and_zero_vectors():
     x, y = rng.randn(4, 5), rng.randn(3, 5)
     y[1] = x[2]           # cos = 1: cost 0 (clamped if rounding goes negative)
     y[2] = 0.0            # zero vector: cos = 0, cost 1
-    cost = ot.cosine_cost(x, y).numpy()
+    cost = sinkhorn.cosine_cost(x, y).numpy()
     np.testing.assert_allclose(cost, _np_cost(x, y), atol=1e-12)
     assert cost.min() >= 0 and cost[2, 1] < 1e-12
     np.testing.assert_allclose(cost[:, 2], 1.0)
@@ -169,7 +169,7 @@ def test_gradient_flows_through_the_sinkhorn_iterations(reg, tol):
     kwargs = dict(reg=reg, max_iter=50 if tol == 0 else 100, tol=tol)
     x, y = tf.Variable(clean), tf.Variable(adv)
     with tf.GradientTape(persistent=True) as tape:
-        cost = ot.cosine_cost(x, y)
+        cost = sinkhorn.cosine_cost(x, y)
         distance = tf.reduce_sum(_sinkhorn(cost, **kwargs) * cost)
         frozen = tf.reduce_sum(tf.stop_gradient(_sinkhorn(cost, **kwargs)) * cost)
     np.testing.assert_allclose(float(distance), _np_distance(clean, adv, **kwargs), rtol=1e-9)
@@ -192,7 +192,7 @@ def test_gradient_flows_through_the_sinkhorn_iterations(reg, tol):
 
 def test_sinkhorn_distance_is_graph_compatible_with_an_unknown_batch():
     clean, adv = _logits_pair(7)
-    fn = tf.function(lambda a, b: ot.sinkhorn_distance(a, b), input_signature=[
+    fn = tf.function(lambda a, b: sinkhorn.sinkhorn_distance(a, b), input_signature=[
         tf.TensorSpec([None, 10], tf.float32)] * 2, autograph=False)
     np.testing.assert_allclose(float(fn(clean.astype("float32"), adv.astype("float32"))),
                                _np_distance(clean, adv), rtol=1e-4)
@@ -362,9 +362,9 @@ def test_training_on_digits_runs_and_reports_robust_accuracy():
     (lambda: FeatureScattering(_small(0), ls_factor=True), "ls_factor must be a number >= 0"),
     (lambda: FeatureScattering(_small(0), ls_factor="0.5"), "ls_factor must be a number >= 0"),
     (lambda: FeatureScattering(_small(0), margin=0.2), "margin must be 0"),
-    (lambda: ot.sinkhorn(np.ones((2, 2)), reg=-1.0), "reg must be a number > 0"),
-    (lambda: ot.sinkhorn(np.ones((2, 2)), max_iter=0), "max_iter must be an integer >= 1"),
-    (lambda: ot.sinkhorn(np.ones((2, 2)), tol=-0.1), "tol must be a number >= 0"),
+    (lambda: sinkhorn.sinkhorn(np.ones((2, 2)), reg=-1.0), "reg must be a number > 0"),
+    (lambda: sinkhorn.sinkhorn(np.ones((2, 2)), max_iter=0), "max_iter must be an integer >= 1"),
+    (lambda: sinkhorn.sinkhorn(np.ones((2, 2)), tol=-0.1), "tol must be a number >= 0"),
     (lambda: label_smoothing([0], 1, 0.5), "at least 2 classes"),
 ])
 def test_bad_hyperparameters_raise_clear_errors(build, needle):

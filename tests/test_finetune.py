@@ -78,7 +78,7 @@ def test_pretrain_then_finetune_chain(background_lane):
     report = json.loads((target / "report.json").read_text())
     assert report["num_examples"] == 180  # test digits 5-9
     assert keras.models.load_model(target / "model.keras").output_shape == (None, 5)
-    # (Whether pre-training helps is measured in BUILD.md, bench/rst_es_finetune_claims.py.)
+    # (Whether pre-training helps is measured in BUILD.md, bench/claims/rst_es_finetune.py.)
 
 
 def test_finetune_without_its_source_fails_before_writing(background_lane):

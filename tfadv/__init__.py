@@ -7,7 +7,7 @@ Modules, one concept each:
 - `tfadv.attacks`: the one PGD loop (FGSM is its one-step case) and the one projection.
 - `tfadv.defenses`: defenses as `keras.Model` subclasses overriding `train_step`.
 - `tfadv.heads`: classification heads (Max-Mahalanobis centres, hypersphere embedding).
-- `tfadv.ot`: log-domain Sinkhorn (optimal transport) for Feature Scattering.
+- `tfadv.sinkhorn`: log-domain Sinkhorn (optimal transport) for Feature Scattering.
 - `tfadv.pseudo_label`: pseudo-labels for robust self-training.
 - `tfadv.checkpoint`: atomic per-epoch checkpoints with resume; robust early stopping.
 - `tfadv.evaluation`: clean and robust accuracy of a classifier on a dataset.

@@ -57,6 +57,8 @@ import tensorflow as tf
 from absl import logging
 
 from tfadv import heads  # noqa: F401  (registers the head layers for keras.models.load_model)
+from tfadv.rundir import (  # noqa: F401  (load_classifier: re-exported)
+    atomic_file, atomic_write_text, check_logits_model, load_classifier, looks_like_probabilities)
 from tfadv.attacks import PGD, parse_norm
 from tfadv.attacks.autoattack import AutoAttack
 from tfadv.attacks.pgd import norm_name
@@ -69,56 +71,6 @@ EOT_SAMPLES = 20  # AutoAttack 'rand': model calls averaged per gradient
 
 
 # --- models --------------------------------------------------------------------------------
-def check_logits_model(model, image_shape=None):
-    """Raises ValueError unless ``model`` maps (batch, H, W, C) images to (batch, classes)."""
-    out = getattr(model, "output_shape", None)
-    if out is not None and (not isinstance(out, tuple) or len(out) != 2):
-        raise ValueError(f"model must output (batch, num_classes) logits; got shape {out}.")
-    inp = getattr(model, "input_shape", None)
-    if image_shape is not None and isinstance(inp, tuple) and tuple(inp[1:]) != tuple(
-            image_shape):
-        raise ValueError(
-            f"dataset images have shape {tuple(image_shape)} but the model expects "
-            f"{tuple(inp[1:])}.")
-
-
-def looks_like_probabilities(outputs):
-    """True when every row is non-negative and sums to 1: a softmax output, not logits."""
-    outputs = np.asarray(outputs, dtype="float64")
-    return bool(outputs.size and outputs.min() >= 0.0 and outputs.max() <= 1.0
-                and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-4))
-
-
-def load_classifier(path):
-    """Loads a classifier from a `bin/train` model_dir, a ``.keras`` file or a SavedModel.
-
-    A SavedModel is wrapped in a Keras model calling its ``serving_default`` signature; when the
-    signature returns several outputs, the one named ``logits`` is used. A TF Serving base
-    directory (``model_name/<version>/``, as `tfadv.export` writes) means its highest version."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "model.keras")):
-        path = os.path.join(path, "model.keras")
-    elif os.path.isdir(path) and not os.path.exists(os.path.join(path, "saved_model.pb")):
-        from tfadv.export import latest_version_dir
-
-        path = latest_version_dir(path) or path
-    if path.endswith(".keras") and os.path.isfile(path):
-        return keras.models.load_model(path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
-        loaded = tf.saved_model.load(path)
-        signature = loaded.signatures["serving_default"]
-        (name, spec), = signature.structured_input_signature[1].items()
-        outputs = signature.structured_outputs
-        key = "logits" if "logits" in outputs else next(iter(outputs))
-        layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
-        inputs = keras.Input(spec.shape[1:], name=name)
-        out = layer(inputs)
-        out = out[key] if isinstance(out, dict) else out
-        return keras.Model(inputs, out, name=os.path.basename(os.path.normpath(path)))
-    raise FileNotFoundError(
-        f"no model at {path!r}: expected a bin/train model_dir (with model.keras), a .keras file "
-        f"or a SavedModel directory.")
-
-
 # --- running attacks -------------------------------------------------------------------------
 def _predict_fn(model, image_shape):
     """``model(x, training=False)`` compiled once for every batch size (no retracing on a
@@ -238,8 +190,6 @@ class _ProgressStore:
     saved for other weights, data or seed (another fingerprint) are discarded."""
 
     def __init__(self, directory, fingerprint):
-        from tfadv.checkpoint import atomic_write_text
-
         self._write = atomic_write_text
         self.directory = directory
         marker = os.path.join(directory, "fingerprint")
@@ -282,9 +232,8 @@ class _ProgressStore:
     def save(self, key, done, first):
         with self._lock:
             if first is not None:
-                tmp = os.path.join(self.directory, f".tmp-{key}.npy")
-                np.save(tmp, first)
-                os.replace(tmp, os.path.join(self.directory, key + ".npy"))
+                with atomic_file(os.path.join(self.directory, key + ".npy")) as tmp:
+                    np.save(tmp, first)
             payload = {"batches": {str(i): {"correct": c.astype(int).tolist(), "stats": s}
                                    for i, (c, s) in sorted(done.items())}}
             self._write(os.path.join(self.directory, key + ".json"), json.dumps(payload))
@@ -659,7 +608,7 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
     if autoattack not in (*HEADLINE_VERSIONS, None):
         raise ValueError(f"evaluate.autoattack must be one of {HEADLINE_VERSIONS} or None; got "
                          f"{autoattack!r}.")
-    from tfadv.attacks.base import check_number
+    from tfadv.checks import check_number
 
     check_number("square_queries", square_queries, 2, strict=False, integer=True)
     attacks = dict(attacks or {})
@@ -783,7 +732,6 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
 
 def write_artifacts(result, output_dir, x, y, clean_logits, first_adv, predict):
     """Writes eval.json (atomically), robustness_curve.png and examples.png."""
-    from tfadv.checkpoint import atomic_write_text
 
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_text(os.path.join(output_dir, "eval.json"), json.dumps(result, indent=1) + "\n")

@@ -43,6 +43,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfadv.rundir import (  # noqa: F401  (latest_version_dir: re-exported)
+    check_logits_model, latest_version_dir, looks_like_probabilities, numeric_versions)
+
 SIGNATURE_KEY = "serving_default"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities", "classes")
@@ -50,23 +53,6 @@ METADATA_FILE = os.path.join("assets.extra", "export.json")
 
 
 # --- the layout ------------------------------------------------------------------------------
-def _numeric_versions(export_dir):
-    if not os.path.isdir(export_dir):
-        return []
-    return sorted(int(name) for name in os.listdir(export_dir)
-                  if name.isdigit() and os.path.isdir(os.path.join(export_dir, name)))
-
-
-def latest_version_dir(export_dir):
-    """The highest ``<version>/`` holding a ``saved_model.pb`` in a TF Serving base directory
-    ``export_dir`` (the one TF Serving would serve), or ``None`` when there is none."""
-    for version in reversed(_numeric_versions(export_dir)):
-        path = os.path.join(export_dir, str(version))
-        if os.path.exists(os.path.join(path, "saved_model.pb")):
-            return path
-    return None
-
-
 def _check_version(version):
     if version is None:
         return
@@ -77,9 +63,8 @@ def _check_version(version):
 
 # --- the model -------------------------------------------------------------------------------
 def _base_classifier(model):
-    from tfadv.defenses.base import Defense
-
-    if isinstance(model, Defense):  # export what is deployed: the wrapped classifier
+    # A defense exports what is deployed: the classifier it wraps.
+    if isinstance(getattr(model, "base_model", None), keras.Model):
         model = model.base_model
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model (images in [0, 1] -> logits); got "
@@ -92,8 +77,6 @@ def _base_classifier(model):
 
 
 def _image_shape(model, image_shape):
-    from tfadv.evaluation import check_logits_model
-
     inputs = getattr(model, "inputs", None)
     if inputs is not None and len(inputs) != 1:
         raise ValueError(f"model must take one input (images); it takes {len(inputs)}.")
@@ -114,8 +97,6 @@ def _image_shape(model, image_shape):
 
 def _probe(model, image_shape):
     """Logits of a few [0, 1] images: checks the output is (batch, K) logits, not softmax."""
-    from tfadv.evaluation import looks_like_probabilities
-
     x = np.random.RandomState(0).rand(4, *image_shape).astype("float32")
     logits = np.asarray(model(x, training=False), dtype="float32")
     if logits.ndim != 2 or logits.shape[0] != len(x) or logits.shape[1] < 2:
@@ -164,7 +145,7 @@ def _serving_module(model, image_shape):
 
 def _verify(path, x, logits):
     """Reloads the SavedModel at ``path`` with both loaders and compares it with the Keras
-    model: `tf.saved_model.load` (TF2, what `tfadv.evaluation.load_classifier` uses) and a
+    model: `tf.saved_model.load` (TF2, what `tfadv.rundir.load_classifier` uses) and a
     session (the TF1 loader of ``saved_model_cli run``; TF Serving also restores into one)."""
     outputs = tf.saved_model.load(path).signatures[SIGNATURE_KEY](**{INPUT_NAME: x})
     loaded = {"tf.saved_model.load": {k: np.asarray(v) for k, v in outputs.items()}}
@@ -222,12 +203,12 @@ def export_saved_model(model, export_dir, version=None, image_shape=None, source
         raise NotADirectoryError(f"export_dir {export_dir!r} is a file; it must be a directory "
                                  f"(TF Serving's model base path).")
     if version is None:
-        version = (_numeric_versions(export_dir) or [0])[-1] + 1
+        version = (numeric_versions(export_dir) or [0])[-1] + 1
     final = os.path.join(export_dir, str(int(version)))
     if os.path.exists(final):
         raise FileExistsError(f"version {version} already exists at {final!r}: pass another "
                               f"version, or none for the next free one "
-                              f"({(_numeric_versions(export_dir) or [0])[-1] + 1}).")
+                              f"({(numeric_versions(export_dir) or [0])[-1] + 1}).")
     model = _base_classifier(model)
     image_shape = _image_shape(model, image_shape)
     x, logits = _probe(model, image_shape)

@@ -22,7 +22,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from tfadv.attacks.base import check_number
+from tfadv.checks import check_number
 from tfadv.attacks.pgd import norm_name, parse_norm, project
 
 VERSIONS = ("standard", "rand", "fast")

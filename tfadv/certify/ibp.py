@@ -46,7 +46,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfadv.attacks.base import check_number
+from tfadv.checks import check_number
 from tfadv.attacks.losses import cross_entropy
 
 # Elementwise activations that are monotone non-decreasing: the interval ends map to the ends.

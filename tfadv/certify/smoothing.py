@@ -52,7 +52,6 @@ stream: PREDICT, CERTIFY's selection and CERTIFY's estimation use different stre
 
 import math
 import os
-import tempfile
 import time
 
 import keras
@@ -60,8 +59,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from tfadv.attacks.base import check_number
-from tfadv.defenses.gaussian import check_sigma
+from tfadv.checks import check_number, check_sigma
+from tfadv.rundir import atomic_file
 
 ABSTAIN = -1
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -393,13 +392,9 @@ def plot_certified_accuracy(curves, path, title="Randomized smoothing (Cohen et 
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -6,7 +6,8 @@ objective (`Defense.prepare` + `Defense.objective`; the shared `train_step` is i
 from tfadv.defenses.alp import ALP
 from tfadv.defenses.awp import AWP
 from tfadv.defenses.base import Defense, ModelState
-from tfadv.defenses.fast import CatastrophicOverfittingMonitor, FreeAdversarialTraining
+from tfadv.defenses.catastrophic_overfitting import CatastrophicOverfittingMonitor
+from tfadv.defenses.free_at import FreeAdversarialTraining
 from tfadv.defenses.feature_scatter import FeatureScatterAttack, FeatureScattering
 from tfadv.defenses.gaussian import GaussianAugmentation
 from tfadv.defenses.ibp import IntervalBoundPropagation

@@ -19,7 +19,7 @@ x + U(-eps, eps) that is not clipped before the step; after the step, x' is proj
 eps-ball and clipped to the image box. The model runs in eval mode (BatchNorm running statistics:
 the official code attacks a deep copy in ``eval()``); the clean logits are constants; the
 gradient of D with respect to x' runs through the unrolled Sinkhorn iterations
-(`tfadv.ot.sinkhorn_distance`: entropic regularisation ``sinkhorn_reg`` = 0.01, at most
+(`tfadv.sinkhorn.sinkhorn_distance`: entropic regularisation ``sinkhorn_reg`` = 0.01, at most
 ``sinkhorn_iters`` = 100 rounds, stop when sum |u - u_prev| < ``sinkhorn_tol`` = 0.1).
 
 Training loss (official ``softCrossEntropy`` on ``label_smoothing``): only the
@@ -52,7 +52,7 @@ evaluate a Feature Scattering model with AutoAttack, not only with PGD.
 Differences from the official code:
 - The official inputs are in [-1, 1], so its eps 16/255 and step 16/255 are 8/255 here, in
   [0, 1] pixel units (the model normalises inside; use mean = std = 0.5 to match its [-1, 1]).
-- The official LSE, log(sum exp + 1e-6), is computed stably (same value; see `tfadv.ot`).
+- The official LSE, log(sum exp + 1e-6), is computed stably (same value; see `tfadv.sinkhorn`).
 - Cosine similarity divides each vector by max(||.||, 1e-6) (newer PyTorch's rule; older
   versions floor the product of the norms; identical unless a logit vector is nearly zero).
 """
@@ -61,10 +61,10 @@ import numbers
 
 import gin
 import tensorflow as tf
-from tfadv.attacks.base import check_number
+from tfadv.checks import check_number
 from tfadv.attacks.pgd import PGD, norm_name, random_in_ball
 from tfadv.defenses.base import Defense, replica_mean
-from tfadv.ot import cosine_cost, sinkhorn
+from tfadv.sinkhorn import cosine_cost, sinkhorn
 
 _EIGHT_OVER_255 = 8.0 / 255.0
 
@@ -105,7 +105,7 @@ def feature_scatter_loss(labels, logits, ls_factor):
 
 def transport_losses(clean_logits, adv_logits, reg=0.01, max_iter=100, tol=0.1):
     """Each perturbed example's share of the OT distance, sum_i T_ij C_ij for column j, so the
-    shares sum to D = sum_ij T_ij C_ij (`tfadv.ot.sinkhorn_distance`). The shares are coupled
+    shares sum to D = sum_ij T_ij C_ij (`tfadv.sinkhorn.sinkhorn_distance`). The shares are coupled
     through the plan T: only their sum is a loss on its own, which is what PGD ascends."""
     cost = cosine_cost(tf.cast(clean_logits, tf.float32), tf.cast(adv_logits, tf.float32))
     return tf.reduce_sum(sinkhorn(cost, reg, max_iter, tol) * cost, axis=0)

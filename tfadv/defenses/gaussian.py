@@ -23,23 +23,12 @@ count and R the number of replicas, so a run is reproducible, resumes with the s
 sequence, and replicas draw independent noise.
 """
 
-import math
-
 import gin
 import numpy as np
 import tensorflow as tf
 
+from tfadv.checks import check_sigma  # noqa: F401  (re-exported)
 from tfadv.defenses.base import Defense, num_replicas, replica_mean
-
-
-def check_sigma(sigma, name="sigma"):
-    """Returns ``float(sigma)``; raises ValueError naming ``name`` unless it is a finite number
-    > 0 (a noise standard deviation in [0, 1] pixel units)."""
-    if (not isinstance(sigma, (int, float, np.floating, np.integer)) or isinstance(sigma, bool)
-            or not math.isfinite(sigma) or not sigma > 0):
-        raise ValueError(f"{name} (Gaussian noise standard deviation, [0, 1] pixel units) must be "
-                         f"a finite number > 0; got {sigma!r}.")
-    return float(sigma)
 
 
 def check_noise_seed(seed):

@@ -47,7 +47,7 @@ import tensorflow as tf
 from keras import layers
 
 from tfadv.attacks import PGD
-from tfadv.attacks.base import check_number
+from tfadv.checks import check_number
 from tfadv.certify import ibp
 from tfadv.defenses.base import Defense, replica_mean
 

@@ -3,7 +3,7 @@
 
 Usage (about 5 minutes on 2 CPU cores with --examples 32):
 
-    python bench/masked_models.py --examples 32 --eps 0.15 --out bench/results/masked
+    python bench/claims/masked_models.py --examples 32 --eps 0.15 --out bench/results/masked
 
 A digits CNN trained normally (8 epochs, Adam 3e-3, seed 1: the model of the test suite) is
 wrapped four ways that fool gradient attacks: logits x 1e4 (a saturated softmax), input
@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402

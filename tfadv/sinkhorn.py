@@ -34,7 +34,7 @@ import math
 
 import tensorflow as tf
 
-from tfadv.attacks.base import check_number
+from tfadv.checks import check_number
 
 LSE_OFFSET = 1e-6  # the official LSE adds 1e-6 inside the log ("to prevent NaN")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the RST, early-stopping and pre-training claims at digits scale (issue 5).
 
-Usage: python bench/rst_es_finetune_claims.py [--study rst|early_stopping|finetune|all]
+Usage: python bench/claims/rst_es_finetune.py [--study rst|early_stopping|finetune|all]
                                               [--out runs/claims5]
 
 - rst: RST_adv (rst.gin: TRADES on 20% of the digits labels + pseudo-labels of the other 80% from
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bin(tool, args):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the TRADES and AWP papers' claims at digits scale (issue 4), with the shipped gin files.
 
-Usage: python bench/trades_awp_claims.py [--study trades_beta|awp_gap|all] [--out runs/claims]
+Usage: python bench/claims/trades_awp.py [--study trades_beta|awp_gap|all] [--out runs/claims]
 
 - trades_beta: `trades.gin` at several beta (TRADES, Zhang et al. 2019, Table 4: as beta = 1/lambda
   grows, robust accuracy rises while clean accuracy stays about level).
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Clean, PGD-20 and AutoAttack accuracy of the issue-6 defenses on digits (eps 0.3), with the
+"""Clean, PGD-20 and AutoAttack accuracy of the fast, Feature Scattering, HE and MMC defenses on digits (eps 0.3), with the
 shipped gin files, next to PGD-AT; and FGSM-RS's robustness per training second against PGD-AT.
 
-Usage: python bench/issue6_claims.py [--out runs/claims6] [--runs fast_at,free_at,...]
+Usage: python bench/claims/fast_scatter_he_mmc.py [--out runs/claims6] [--runs fast_at,free_at,...]
 
 Each run is `bin/train --gin_file=<run>.gin` then `bin/evaluate --attacks=pgd20,pgd20-cw,
 autoattack` on the 360 test digits, each in its own process; finished runs are reused. The
@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = ["pgd_at", "fast_at", "free_at", "feature_scatter", "he", "trades_he", "mmc"]
 
 

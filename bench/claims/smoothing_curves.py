@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Certified accuracy curves of randomized smoothing models at several sigmas (issue 7).
 
-Usage: python bench/smoothing_curves.py RUN_OR_CERTIFY_JSON [...] [--radii=0,0.25,0.5,0.75,1.0]
+Usage: python bench/claims/smoothing_curves.py RUN_OR_CERTIFY_JSON [...] [--radii=0,0.25,0.5,0.75,1.0]
          [--plot=bench/results/smoothing_certified.png]
 
 Each argument is a bin/certify certify.json, or a bin/train model_dir holding one in
@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -3,7 +3,7 @@
 model (gin/ibp.gin) next to standard training (gin/standard.gin) and, when present, the PGD-AT
 model (gin/pgd_at.gin; never retrained here: it takes about 10 minutes).
 
-Usage: python bench/ibp_claims.py [--out runs/ibp_claims] [--ibp DIR] [--standard DIR]
+Usage: python bench/claims/ibp.py [--out runs/ibp_claims] [--ibp DIR] [--standard DIR]
        [--pgd_at runs/claims/pgd_at]
 
 Missing runs are trained with `bin/train` in their own process; finished runs are reused.
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 EPSILONS = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3]
 
