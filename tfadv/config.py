@@ -4,6 +4,7 @@ Keras 3 optimizers are not registered with gin; they are registered here once, u
 ``keras.optimizers`` (so gin files say ``@keras.optimizers.SGD``).
 """
 
+import difflib
 import logging
 import os
 
@@ -46,8 +47,11 @@ def resolve_gin_file(name):
     if not name.endswith(".gin") and os.path.exists(candidate + ".gin"):
         return candidate + ".gin"
     available = sorted(f for f in os.listdir(GIN_DIR) if f.endswith(".gin"))
-    raise FileNotFoundError(f"gin file {name!r} not found as a path or in {GIN_DIR}; "
+    err = FileNotFoundError(f"gin file {name!r} not found as a path or in {GIN_DIR}; "
                             f"available: {', '.join(available)}.")
+    close = difflib.get_close_matches(os.path.basename(name), available, 1)
+    err.hint = f"did you mean {close[0]}?" if close else None  # shown by tfadv.cli
+    raise err
 
 
 def parse(gin_files=(), bindings=(), finalize=True):

@@ -53,4 +53,4 @@ def build_attack(name, eps, norm="linf", seed=0):
         version = key.split("-")[1] if "-" in key else "standard"
         return AutoAttack(eps, norm=norm, version=version, seed=seed)
     raise ValueError(f"unknown attack name {name!r}; known: {', '.join(NAMES)} "
-                     f"(K = number of PGD steps).")
+                     f"(K = number of PGD steps, e.g. pgd20).")
