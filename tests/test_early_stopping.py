@@ -56,8 +56,12 @@ def test_patience_stops_and_a_resumed_run_continues_the_state(tmp_path):
     callback = RobustEarlyStopping(patience=2)
     callback.attach(str(tmp_path), base)
     _drive(callback, base, [0.5, 0.6])  # interrupted after two epochs
+    # tfadv.train keeps the state in every checkpoint and hands it back on resume.
+    saved = json.loads(json.dumps(callback.get_state()))
     resumed = RobustEarlyStopping(patience=2)
     resumed.attach(str(tmp_path), base)
+    assert resumed.state["best"] is None
+    resumed.set_state(saved)
     assert resumed.state["best"] == 0.6 and resumed.state["best_epoch"] == 2
     base.stop_training = False
     _drive(resumed, base, [0.55, 0.58, 0.9], start=2)

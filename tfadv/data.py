@@ -26,21 +26,30 @@ Subsets and extra data (all from gin, all applied before batching):
   ``metadata``). Training batches then mix labelled and pseudo-labelled examples as robust
   self-training does (Carmon et al. 2019, ``datasets.py:SemiSupervisedSampler``): a fraction
   ``unsup_fraction`` of each batch is drawn from the pseudo-labelled set WITH replacement, the
-  rest from the labelled set (reshuffled every pass), the two parts are shuffled together (without
+  rest from the labelled set (reshuffled every epoch), the two parts are shuffled together (without
   that, BatchNorm and per-replica batches see unmixed halves), and an epoch is as many batches as
   the labelled set alone would give. Augmentation applies to both parts. One difference: the
-  labelled stream runs on across epoch boundaries, so every batch is full (the official sampler
-  tops up the last labelled batch of a pass with extra unlabelled examples).
+  last batch of an epoch is topped up with labelled examples from the start of the epoch's
+  order, so every batch is full (the official sampler tops it up with extra unlabelled
+  examples).
+
+Every random choice of training epoch e (order, augmentation, pseudo-label draws) derives from
+`epoch_key` (``seed``, e) (`TrainingEpochs`), so a run resumed at epoch e sees the batches the
+uninterrupted run saw.
 """
 
 import collections
 import json
+import logging
 import math
 import os
+import zipfile
 
 import gin
 import numpy as np
 import tensorflow as tf
+
+from tfadv.cli import UserError
 
 TFDS_DATASETS = {
     # name: (augmentation, default validation size)
@@ -57,14 +66,25 @@ DIGITS_VALIDATION_SIZE = 180
 
 Data = collections.namedtuple(
     "Data", ["name", "train", "validation", "test", "image_shape", "num_classes", "sizes",
-             "batch_size", "unlabeled"], defaults=[None]
+             "batch_size", "unlabeled", "training"], defaults=[None, None]
 )
 Data.__doc__ = """Batched train/validation/test pipelines plus what a model builder needs;
 ``unlabeled`` is a batched pipeline of images without labels (with ``labeled_fraction``)."""
 
 
-class DatasetNotAvailableError(FileNotFoundError):
-    """A TFDS dataset is not prepared on disk and was not (or could not be) downloaded."""
+class DatasetNotAvailableError(FileNotFoundError, UserError):
+    """A TFDS dataset is not prepared on disk and was not (or could not be) downloaded.
+
+    A `tfadv.cli.UserError`: the bin/ tools print ``message`` and ``hint`` as two lines;
+    ``str()`` is both, for callers that print it themselves."""
+
+    def __init__(self, message, hint=None):
+        FileNotFoundError.__init__(self, message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self):
+        return self.message + (f" {self.hint}" if self.hint else "")
 
 
 def validate_arrays(images, labels=None, image_shape=None, num_classes=None):
@@ -78,8 +98,10 @@ def validate_arrays(images, labels=None, image_shape=None, num_classes=None):
             f"images must have shape (batch, {', '.join(map(str, image_shape))}) to match the "
             f"model; got {images.shape}."
         )
-    if images.size and not (np.isfinite(images).all() and images.min() >= 0.0
-                            and images.max() <= 1.0):
+    if images.size and not np.isfinite(images).all():
+        raise ValueError(f"images hold {describe_non_finite(images)}; they must be finite "
+                         f"numbers in [0, 1].")
+    if images.size and not (images.min() >= 0.0 and images.max() <= 1.0):
         raise ValueError(
             f"images must lie in [0, 1] (divide uint8 images by 255); got values in "
             f"[{np.nanmin(images):g}, {np.nanmax(images):g}]."
@@ -99,6 +121,14 @@ def validate_arrays(images, labels=None, image_shape=None, num_classes=None):
                 f"labels must lie in [0, {num_classes}); got values in "
                 f"[{labels.min()}, {labels.max()}]."
             )
+
+
+def describe_non_finite(array):
+    """'NaN values (k of n)' / 'infinite values (k of n)' / both, for a non-finite ``array``."""
+    nan = int(np.isnan(array).sum())
+    inf = int(np.isinf(array).sum())
+    kinds = [k for k, count in (("NaN", nan), ("infinite", inf)) if count]
+    return f"{' and '.join(kinds)} values ({nan + inf} of {array.size})"
 
 
 def digits_arrays():
@@ -152,20 +182,36 @@ def read_pseudo_labeled(path, image_shape, num_classes):
 
     Images may be uint8 (0..255) or floats in [0, 1]."""
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"pseudo_labeled file {path!r} does not exist; create it with bin/pseudo_label "
-            "(see gin/rst.gin for the command).")
-    with np.load(path) as f:
-        missing = {"images", "labels"} - set(f.files)
-        if missing:
-            raise ValueError(f"pseudo_labeled file {path!r} lacks arrays {sorted(missing)}.")
-        images, labels = f["images"], f["labels"]
-        metadata = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
+        hint = "create it with bin/pseudo_label (see gin/rst.gin for the command)."
+        err = FileNotFoundError(f"pseudo_labeled file {path!r} does not exist; {hint}")
+        err.hint = hint  # tfadv.cli prints it on its own line
+        raise err
+    if os.path.isdir(path) or not zipfile.is_zipfile(path):
+        raise ValueError(f"pseudo_labeled file {path!r} is truncated or corrupt: not a valid "
+                         f".npz (zip) archive.")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"images", "labels"} - set(f.files)
+            if not missing:
+                images, labels = f["images"], f["labels"]
+                metadata = json.loads(str(f["metadata"])) if "metadata" in f.files else {}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:  # a damaged member
+        raise ValueError(f"pseudo_labeled file {path!r} is truncated or corrupt "
+                         f"({type(err).__name__}: {err}).") from err
+    if missing:
+        raise ValueError(f"pseudo_labeled file {path!r} lacks arrays {sorted(missing)}.")
     if images.dtype == np.uint8:
         check = images[:1].astype("float32") / 255.0
     else:
         check = images
-    validate_arrays(check, None, image_shape=image_shape)
+        if np.issubdtype(images.dtype, np.number) and not np.isfinite(images).all():
+            raise ValueError(f"pseudo_labeled file {path!r} holds "
+                             f"{describe_non_finite(images)} in 'images'; images must be finite "
+                             f"numbers in [0, 1].")
+    try:
+        validate_arrays(check, None, image_shape=image_shape)
+    except ValueError as err:
+        raise ValueError(f"pseudo_labeled file {path!r}: {err}") from err
     validate_arrays(images[:0].astype("float32").reshape(0, *image_shape), labels[:0])
     if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or (
             labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
@@ -177,40 +223,78 @@ def read_pseudo_labeled(path, image_shape, num_classes):
 
 
 def augment_fn(kind, image_shape, pad=4):
-    """The papers' augmentation for ``kind`` in {None, 'crop', 'crop_flip'}, as a map function."""
+    """The papers' augmentation for ``kind`` in {None, 'crop', 'crop_flip'}, as a map function
+    ``augment(image, label, seed=None)``: stateless ops seeded by ``seed`` (shape [2]; a fresh
+    random seed when ``None``), so a pipeline that passes per-example seeds is reproducible."""
     if kind is None:
         return None
-    height, width, _ = image_shape
 
-    def augment(image, label):
+    def augment(image, label, seed=None):
+        if seed is None:
+            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+        seed = tf.cast(seed, tf.int64)
         padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-        image = tf.image.random_crop(padded, image_shape)
+        image = tf.image.stateless_random_crop(padded, image_shape, seed=seed)
         if kind == "crop_flip":
-            image = tf.image.random_flip_left_right(image)
+            image = tf.image.stateless_random_flip_left_right(image, seed=seed + [0, 1])
         return image, label
 
     return augment
 
 
-def _finish(ds, batch_size, training, augment, seed, shuffle_buffer):
-    ds = ds.cache()
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if augment is not None:
-            ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def epoch_key(seed, epoch):
+    """The int64 key of training epoch ``epoch`` (0-based) of a run seeded with ``seed``: every
+    random choice of that epoch's batches (order, augmentation, pseudo-label draws) derives
+    from it, so epoch e has the same batches whether or not the run was resumed before it."""
+    return tf.cast(seed, tf.int64) * 1000003 + tf.cast(epoch, tf.int64)
 
 
-def _mixed_batches(labeled, pseudo_images, pseudo_labels, batch_size, unsup_fraction, num_labeled,
-                   augment, seed, shuffle_buffer):
-    """RST batches (module docstring): ``labeled`` is an unbatched (image, label) dataset."""
+def _augmented(ds, augment, key, salt=0):
+    """``ds`` (image, label) with ``augment`` seeded per example by (key, salt, position)."""
+    if augment is None:
+        return ds
+    return ds.enumerate().map(
+        lambda i, ex: augment(*ex, seed=tf.stack([key + salt, i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _shuffled(cached, size, shuffle_buffer, key):
+    """``cached`` (``size`` examples) in an order fixed by ``key``: the examples are cut into
+    blocks of ``shuffle_buffer``, the blocks are visited in a random order and each block is
+    permuted as a whole (`tf.data.Dataset.shuffle` takes no tensor seed, so it cannot be keyed
+    by the epoch). With ``shuffle_buffer >= size`` (digits) it is one uniform permutation."""
+    blocks = max(1, math.ceil(size / shuffle_buffer))
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(blocks, dtype=tf.int64), tf.stack([key, tf.constant(-1, tf.int64)]))
+
+    def permute(block, examples):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(tf.shape(tf.nest.flatten(examples)[0])[0]), tf.stack([key, block]))
+        return tf.nest.map_structure(lambda t: tf.gather(t, perm), examples)
+
+    def block(b):
+        examples = cached.skip(b * shuffle_buffer).take(shuffle_buffer).batch(shuffle_buffer)
+        return examples.map(lambda *ex: permute(b, ex if len(ex) > 1 else ex[0])).unbatch()
+
+    return tf.data.Dataset.from_tensor_slices(order).flat_map(block)
+
+
+def _epoch_batches(cached, size, batch_size, augment, shuffle_buffer):
+    """``key -> batches of one training epoch`` over the unbatched, cached ``cached``."""
+    def batches(key):
+        ds = _augmented(_shuffled(cached, size, shuffle_buffer, key), augment, key)
+        return ds.batch(batch_size)
+
+    return batches
+
+
+def _mixed_epoch_batches(labeled, pseudo_images, pseudo_labels, batch_size, unsup_fraction,
+                         num_labeled, augment, shuffle_buffer):
+    """``key -> one epoch of RST batches`` (module docstring); ``labeled`` is unbatched."""
     unsup_size = int(batch_size * unsup_fraction)
     sup_size = batch_size - unsup_size
-    sup = labeled.cache().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    sup = sup.repeat()
-    if augment is not None:
-        sup = sup.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    sup = sup.batch(sup_size)
+    steps = math.ceil(num_labeled / batch_size)
+    labeled = labeled.cache()
     count = len(pseudo_labels)
     to_float = pseudo_images.dtype == np.uint8
 
@@ -225,20 +309,57 @@ def _mixed_batches(labeled, pseudo_images, pseudo_labels, batch_size, unsup_frac
         labels.set_shape([unsup_size])
         return images, labels
 
-    unsup = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).map(
-        lambda r: r % count).batch(unsup_size).map(lookup)
-    if augment is not None:
-        unsup = unsup.unbatch().map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(
-            unsup_size)
+    def batches(key):
+        sup = _augmented(_shuffled(labeled, num_labeled, shuffle_buffer, key).repeat(), augment,
+                         key)
+        sup = sup.batch(sup_size)
+        # With replacement: draw i of the epoch is uniform over the pseudo-labelled set.
+        unsup = tf.data.Dataset.range(steps * unsup_size).map(
+            lambda i: tf.random.stateless_uniform([], tf.stack([key + 1, i]), maxval=count,
+                                                  dtype=tf.int64))
+        unsup = unsup.batch(unsup_size).map(lookup)
+        if augment is not None:
+            unsup = _augmented(unsup.unbatch(), augment, key, salt=2).batch(unsup_size)
 
-    def mix(a, b):
-        images = tf.concat([a[0], b[0]], axis=0)
-        labels = tf.concat([a[1], b[1]], axis=0)
-        order = tf.random.shuffle(tf.range(batch_size), seed=seed)
-        return tf.gather(images, order), tf.gather(labels, order)
+        def mix(step, pair):
+            (xs, ys), (xu, yu) = pair
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(batch_size), tf.stack([key + 3, step]))
+            return (tf.gather(tf.concat([xs, xu], 0), order),
+                    tf.gather(tf.concat([ys, yu], 0), order))
 
-    batches = tf.data.Dataset.zip((sup, unsup)).map(mix).take(math.ceil(num_labeled / batch_size))
-    return batches.prefetch(tf.data.AUTOTUNE)
+        return tf.data.Dataset.zip((sup, unsup)).take(steps).enumerate().map(mix)
+
+    return batches
+
+
+class TrainingEpochs:
+    """The training split as a function of the epoch: `epochs` gives the batches of epochs
+    ``first .. last - 1`` in one stream (what `tfadv.train` fits on, with ``steps_per_epoch``),
+    each epoch's batches fixed by `epoch_key` (``seed``, epoch); `reshuffled` gives one epoch
+    with a fresh key per pass (``Data.train``)."""
+
+    def __init__(self, batches, seed, steps):
+        self._batches = batches
+        self.seed = seed
+        self.steps = steps
+
+    def epochs(self, first, last):
+        ds = tf.data.Dataset.range(first, last).flat_map(
+            lambda e: self._batches(epoch_key(self.seed, e)))
+        # flat_map hides the length; Keras needs it to run every epoch on a fresh pass.
+        ds = ds.apply(tf.data.experimental.assert_cardinality((last - first) * self.steps))
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def reshuffled(self):
+        keys = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).take(1)
+        ds = keys.flat_map(self._batches)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(self.steps))
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _finish(ds, batch_size):
+    return ds.cache().batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _to_float(image, label):
@@ -253,6 +374,17 @@ def _num_examples(info, split, dataset, held_out=0):
         return int(dataset.reduce(0, lambda n, _: n + 1))
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains ``needle``."""
+
+    def __init__(self, needle):
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record):
+        return self.needle not in record.getMessage()
+
+
 def _tfds_splits(name, data_dir, validation_size, download):
     import tensorflow_datasets as tfds
 
@@ -261,16 +393,23 @@ def _tfds_splits(name, data_dir, validation_size, download):
     splits = ["train", "test"]
     if validation_size:
         splits = [f"train[:-{validation_size}]", f"train[-{validation_size}:]", "test"]
+    quiet = _DropMessages("has no dataset_info.json")  # tfds' warning before it fails
+    logging.getLogger("absl").addFilter(quiet)
     try:
         datasets, info = tfds.load(name, split=splits, data_dir=data_dir, download=download,
                                    as_supervised=True, with_info=True)
     except Exception as err:  # tfds raises several types; all mean "not usable here".
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        not_found = isinstance(err, AssertionError) and "could not find data" in detail
         raise DatasetNotAvailableError(
             f"TFDS dataset {name!r} is not prepared in data_dir {searched!r} "
-            f"(download={download}). Prepare it on a machine with network access, e.g. "
-            f"`tfds build {name} --data_dir={searched}`, and copy that directory here, or bind "
-            f"load_dataset.download = True where downloads work. ({type(err).__name__}: {err})"
-        ) from err
+            f"(load_dataset.download = {download})"
+            + ("." if not_found else f" ({type(err).__name__}: {detail[:200]})."),
+            hint=f"prepare it on a machine with network access, e.g. `tfds build {name} "
+                 f"--data_dir={searched}`, and copy that directory here, or bind "
+                 f"load_dataset.download = True where downloads work.") from err
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
     if validation_size:
         train, validation, test = datasets
     else:
@@ -334,7 +473,8 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
         (RST: 0.5).
     """
     if name not in DATASETS:
-        raise ValueError(f"dataset name must be one of {list(DATASETS)}; got {name!r}.")
+        raise ValueError(f"load_dataset.name: dataset name must be one of "
+                         f"{', '.join(DATASETS)}; got {name!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
     if validation_size is not None and (not isinstance(validation_size, int)
@@ -385,21 +525,21 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
             sizes["train"] = keep
 
     aug = augment_fn(kind, shape) if augment else None
-    finished = {
-        split: None if ds is None else _finish(ds, batch_size, split == "train", aug, seed,
-                                               shuffle_buffer)
-        for split, ds in pipes.items()
-    }
+    finished = {split: None if ds is None else _finish(ds, batch_size)
+                for split, ds in pipes.items() if split != "train"}
+    batches = _epoch_batches(pipes["train"].cache(), sizes["train"], batch_size, aug,
+                             shuffle_buffer)
     if unlabeled is not None:
         sizes["unlabeled"] = _count(unlabeled)
         unlabeled = unlabeled.batch(batch_size).prefetch(tf.data.AUTOTUNE)
     if pseudo_labeled is not None:
         images, labels, _ = read_pseudo_labeled(pseudo_labeled, tuple(shape), num_classes)
-        finished["train"] = _mixed_batches(pipes["train"], images, labels, batch_size,
-                                           unsup_fraction, sizes["train"], aug, seed,
-                                           shuffle_buffer)
+        batches = _mixed_epoch_batches(pipes["train"], images, labels, batch_size,
+                                       unsup_fraction, sizes["train"], aug, shuffle_buffer)
         sizes["pseudo_labeled"] = len(labels)
+    training = TrainingEpochs(batches, seed, math.ceil(sizes["train"] / batch_size))
+    finished["train"] = training.reshuffled()
     return Data(name=name, train=finished["train"], validation=finished["validation"],
                 test=finished["test"], image_shape=tuple(int(d) for d in shape),
                 num_classes=int(num_classes), sizes=sizes, batch_size=batch_size,
-                unlabeled=unlabeled)
+                unlabeled=unlabeled, training=training)

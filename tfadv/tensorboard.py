@@ -33,6 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfadv.checkpoint import RunCallback
+
 SUBDIR = "adversarial"
 
 
@@ -72,7 +74,7 @@ def _displayable(images):
 
 
 @gin.configurable
-class AdversarialSummaries(keras.callbacks.Callback):
+class AdversarialSummaries(RunCallback):
     """Adversarial example grids, margin histograms and the robustness curve in TensorBoard
     (see the module docstring for what is written where).
 

@@ -12,27 +12,35 @@ compiles it once per (model, input signature) as a `tf.function` whose batch dim
 on its own device. ``trace_count`` counts traces, for tests and benchmarks.
 
 Randomness is deterministic for a given ``seed``: subclasses draw with `tf.random.stateless_*`
-ops seeded by `Attack.seed_tensor`, so the same inputs and seed give the same output.
+ops seeded by `Attack.seed_tensor`, so the same inputs and seed give the same output. An attack
+with ``seed=None`` inside a training step (`training_step_seed`, set by
+`tfadv.defenses.Defense.train_step`) draws from a stateless seed keyed by the run and the global
+step, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew; elsewhere
+``seed=None`` draws fresh randomness on every call.
 """
 
-import numbers
+import contextlib
 import threading
 
 import tensorflow as tf
 
+from tfadv.checks import check_number  # noqa: F401  (re-exported: attacks' argument checks)
 
-def check_number(name, value, low, *, strict, integer=False, high=None):
-    """Raises ValueError naming ``name`` and the allowed range unless ``value`` is in it."""
-    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
-        value, bool)
-    too_low = ok_type and (value <= low if strict else value < low)
-    too_high = ok_type and high is not None and value > high
-    if not ok_type or too_low or too_high:
-        kind = "an integer" if integer else "a number"
-        bound = f"> {low}" if strict else f">= {low}"
-        if high is not None:
-            bound += f" and <= {high}"
-        raise ValueError(f"{name} must be {kind} {bound}; got {value!r}.")
+
+_STEP = threading.local()
+
+
+@contextlib.contextmanager
+def training_step_seed(seed):
+    """Within the block, attacks with ``seed=None`` seed their stateless draws with ``seed`` (a
+    shape-[2] int32 tensor: the run's seed and the step) instead of drawing a fresh random seed.
+    `tfadv.defenses.Defense.train_step` wraps its attacks in it while its graph is traced."""
+    previous = getattr(_STEP, "seed", None)
+    _STEP.seed = seed
+    try:
+        yield
+    finally:
+        _STEP.seed = previous
 
 
 class Attack:
@@ -98,9 +106,16 @@ class Attack:
     def seed_tensor(self, *salt):
         """A stateless-op seed (shape [2], int32) from ``seed`` and integer/tensor ``salt``.
 
-        With ``seed=None`` a fresh random seed is drawn on each call (non-deterministic)."""
+        With ``seed=None``: the training step's seed inside `training_step_seed`, else a fresh
+        random seed on each call (non-deterministic)."""
         if self.seed is None:
-            return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+            step = getattr(_STEP, "seed", None)
+            if step is None:
+                return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+            first, mix = tf.unstack(tf.cast(step, tf.int32))
+            for s in salt:
+                mix = mix * 1000003 + tf.cast(s, tf.int32)
+            return tf.stack([first, mix])
         mix = tf.constant(self.seed, tf.int32)
         for s in salt:
             mix = mix * 1000003 + tf.cast(s, tf.int32)

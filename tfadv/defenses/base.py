@@ -1,8 +1,9 @@
 """The shared shape of every defense: a `keras.Model` that wraps a base classifier.
 
 A defense owns the training objective and reports clean and robust accuracy in `test_step`. It
-adds no variables of its own to the deployed model: `save` and `export` write the wrapped base
-classifier only.
+adds no variables of its own to the deployed model: `save` writes the wrapped base classifier
+only (`tfadv.export.export_saved_model` exports it); `save_weights` keeps the complete training
+state.
 
 One training step, for every defense (`Defense.train_step`):
 
@@ -40,8 +41,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.attacks import cross_entropy
+from tfadv.attacks.base import training_step_seed
 from tfadv.data import validate_arrays
-from tfadv.export import export_saved_model
+from tfadv.heads import HypersphereHead
 
 
 def num_replicas():
@@ -111,7 +113,7 @@ def _logit_margin(base_model, margin):
     if not margin:
         return 0.0
     heads = [layer for layer in base_model._flatten_layers()
-             if type(layer).__name__ == "HypersphereHead"]
+             if isinstance(layer, HypersphereHead)]
     if not heads:
         raise ValueError(
             "margin (Hypersphere Embedding) needs a base model whose logits are s * cos(theta) "
@@ -166,6 +168,8 @@ class Defense(keras.Model):
             if not callable(getattr(awp, "perturbation", None)):
                 raise TypeError(f"awp must be a tfadv.defenses.AWP; got {type(awp).__name__}.")
         self.base_model = base_model
+        # From NumPy's global generator, which tfadv.train seeds with train.seed (step_seed).
+        self.run_seed = int(np.random.randint(0, 2**31 - 1))
         self.attack = attack
         self.eval_attack = eval_attack if eval_attack is not None else attack
         self.awp = awp
@@ -180,7 +184,8 @@ class Defense(keras.Model):
         return self.base_model(inputs, training=training)
 
     def build(self, input_shape):
-        self.base_model.build(input_shape)
+        if not self.base_model.built:
+            self.base_model.build(input_shape)
         super().build(input_shape)
 
     @property
@@ -233,7 +238,23 @@ class Defense(keras.Model):
         raise NotImplementedError
 
     # --- the training step ----------------------------------------------------------------
+    def step_seed(self, salt=0):
+        """The stateless seed of this training step on this replica: ``[run seed, t * R + r]``
+        (t = ``optimizer.iterations``, R replicas, r this replica). Attacks with ``seed=None``
+        draw from it (`tfadv.attacks.base.training_step_seed`), so a resumed run repeats the
+        uninterrupted run's draws and replicas draw independently. Validation (`test_step`)
+        uses ``salt=1``: its attacks draw the same at the same training step."""
+        context = tf.distribute.get_replica_context()
+        replica = 0 if context is None else context.replica_id_in_sync_group
+        step = tf.cast(self.optimizer.iterations % (2**31 - 1), tf.int32)
+        return tf.stack([tf.constant((self.run_seed + 1000003 * salt) % (2**31 - 1), tf.int32),
+                         step * num_replicas() + tf.cast(replica, tf.int32)])
+
     def train_step(self, data):
+        with training_step_seed(self.step_seed()):
+            return self._train_step(data)
+
+    def _train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch = tf.nest.map_structure(
             lambda t: None if t is None else tf.stop_gradient(t), self.prepare(x, y))
@@ -273,6 +294,10 @@ class Defense(keras.Model):
         return cross_entropy(y, logits)
 
     def test_step(self, data):
+        with training_step_seed(self.step_seed(salt=1)):
+            return self._test_step(data)
+
+    def _test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         logits = self.base_model(x, training=False)
         loss = (replica_mean(self.evaluation_loss(y, logits), sample_weight)
@@ -287,22 +312,38 @@ class Defense(keras.Model):
             results["robust_accuracy"] = self.robust_accuracy.result()
         return results
 
-    # --- saving: the base classifier only -------------------------------------------------
+    # --- saving ---------------------------------------------------------------------------
     def save(self, filepath, *args, **kwargs):
-        """Saves the base classifier (the defense adds nothing to the deployed model)."""
+        """Saves the base classifier (the defense adds nothing to the deployed model); tfadv's
+        one export for TF Serving is `tfadv.export.export_saved_model`, which also unwraps a
+        defense."""
         return self.base_model.save(filepath, *args, **kwargs)
 
-    def export(self, export_dir, version=None, **kwargs):
-        """Exports the base classifier for TF Serving to ``export_dir/<version>/``: tfadv's one
-        export path, `tfadv.export.export_saved_model` (not `keras.Model.export`, which stores
-        every weight twice and names the outputs ``output_0``)."""
-        return export_saved_model(self.base_model, export_dir, version=version, **kwargs)
+    # save_weights/load_weights are Keras' own (not overridden): they cover the complete
+    # training state, i.e. the base model, the optimizer and the defense's own variables (e.g.
+    # Free AT's carried perturbation), so keras.callbacks.BackupAndRestore around a defense
+    # loses nothing.
 
-    def save_weights(self, filepath, *args, **kwargs):
-        return self.base_model.save_weights(filepath, *args, **kwargs)
+    def certified_report(self, base_model, dataset):
+        """Certified defenses (IBP) return a dict of verified accuracies for the final report;
+        the others return ``None``."""
+        return None
 
-    def load_weights(self, filepath, *args, **kwargs):
-        return self.base_model.load_weights(filepath, *args, **kwargs)
+    def _build_from(self, x):
+        """Builds the defense (and a base model without an input shape yet, e.g. a
+        `keras.Sequential` of layers only) from the shape of the training inputs ``x``."""
+        if self.built and self.base_model.built:
+            return
+        if isinstance(x, tf.data.Dataset):
+            spec = x.element_spec
+            spec = spec[0] if isinstance(spec, tuple) else spec
+            shape = tuple(spec.shape)
+        elif hasattr(x, "shape"):
+            shape = (None, *tuple(x.shape)[1:])
+        else:
+            return
+        with self.distribute_strategy.scope():
+            self.build((None, *shape[1:]))
 
     # --- input validation -----------------------------------------------------------------
     def check_schedule(self, epochs):
@@ -321,6 +362,7 @@ class Defense(keras.Model):
         arguments.pop("self")
         extra = arguments.pop("kwargs", {})
         x, y = arguments.get("x"), arguments.get("y")
+        self._build_from(x)
         if isinstance(x, np.ndarray) or tf.is_tensor(x):
             validate_arrays(np.asarray(x), None if y is None else np.asarray(y),
                             image_shape=self.base_model.input_shape[1:],
