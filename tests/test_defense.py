@@ -168,3 +168,36 @@ def test_compile_rejects_a_loss():
     model = PGDAdversarialTraining(models.digits_cnn())
     with pytest.raises(ValueError, match="defines its own training loss"):
         model.compile(optimizer="adam", loss="mse")
+
+
+def test_defense_weights_files_keep_the_whole_training_state(tmp_path):
+    """`save_weights`/`load_weights` (what keras.callbacks.BackupAndRestore uses) cover the base
+    model, the optimizer and the defense's own variables (Free AT's carried perturbation), and a
+    defense works around a `keras.Sequential` that has no input shape yet."""
+    from tfadv.defenses import FreeAdversarialTraining
+
+    x = np.random.RandomState(0).rand(64, 8, 8, 1).astype("float32")
+    y = np.arange(64) % 10
+
+    def make():
+        base = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(10)])  # unbuilt
+        model = FreeAdversarialTraining(base, eps=0.1, replays=2, batch_size=32)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2))
+        return model
+
+    model = make()
+    assert model.predict(x[:4], verbose=0).shape == (4, 10)
+    assert set(model.evaluate(x, y, return_dict=True, verbose=0)) >= {"loss", "accuracy"}
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    model.summary(print_fn=lambda *args, **kwargs: None)
+    path = str(tmp_path / "state.weights.h5")
+    model.save_weights(path)
+    restored = make()
+    restored.fit(x[:32], y[:32], batch_size=32, epochs=1, verbose=0)  # other values everywhere
+    restored.load_weights(path)
+    assert int(restored.optimizer.iterations) == int(model.optimizer.iterations) == 4
+    for a, b in [(model.delta, restored.delta),
+                 *zip(model.optimizer.variables, restored.optimizer.variables),
+                 *zip(model.base_model.weights, restored.base_model.weights)]:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(model.delta)).max() > 0  # the perturbation was carried
