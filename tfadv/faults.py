@@ -3,14 +3,19 @@ can be made to die or fail, the way etcd's and TiKV's failpoints work.
 
 ``TFADV_FAULT='<point>[@<n>]:<action>[,...]'`` makes the n-th time (default 1st) execution passes
 ``failpoint('<point>')`` do ``<action>``: ``kill`` (SIGKILL: no cleanup, no flush, as a power cut
-or the OOM killer would) or ``enospc`` (an OSError "No space left on device", as a full disk
-would). Unset (always, outside the tests), a failpoint costs one dictionary lookup."""
+or the OOM killer would), ``enospc`` (an OSError "No space left on device", as a full disk
+would) or ``interrupt`` (KeyboardInterrupt, as Ctrl-C would; for in-process tests). Unset (always, outside the tests), a failpoint costs one dictionary lookup."""
 
 import errno
 import os
 import signal
 
 _hits = {}
+
+
+def reset():
+    """Forgets how often each point was passed (in-process tests run several runs)."""
+    _hits.clear()
 
 
 def failpoint(name):
@@ -24,5 +29,7 @@ def failpoint(name):
         if point == name and _hits[name] == int(nth or 1):
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if action == "interrupt":
+                raise KeyboardInterrupt(f"injected at {name}")
             if action == "enospc":
                 raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")

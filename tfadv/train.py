@@ -237,6 +237,8 @@ class Run:
                 f"load_dataset.batch_size (the global batch) must be divisible by the number of "
                 f"replicas; got {data.batch_size} for {replicas} replicas.")
         self.steps_per_epoch = data.training.steps
+        print(f"tfadv: {data.name} {data.sizes}, image shape {data.image_shape}, {replicas} "
+              f"replica(s), {self.steps_per_epoch} steps/epoch")
         with self.strat.scope():
             build = models.MODELS[self.model] if isinstance(self.model, str) else self.model
             base = self.base_model = build(input_shape=data.image_shape,
