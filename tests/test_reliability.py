@@ -361,6 +361,8 @@ def test_a_diverging_run_stops_at_once_and_restart_keeps_it(background_lane):
     assert len(lines) == 2, lines
     assert lines[0].startswith("tfadv: error: training diverged at epoch 1, step ")
     assert "the loss is nan" in lines[0] or "the loss is inf" in lines[0]
+    assert lines[0].endswith("no checkpoint had been written, and nothing was evaluated or "
+                             "exported.")
     assert lines[1].startswith("tfadv: hint: the likely cause is a learning rate 1e+30 too high")
     # Nothing was evaluated, reported or exported; --restart moved the diverged run aside.
     aside = glob.glob(os.path.join(run, "previous", "*"))

@@ -85,9 +85,10 @@ def check_finite_weights(model, epoch):
 class FiniteGuard(keras.callbacks.Callback):
     """Stops training at the first step whose loss is NaN or infinite (`TrainingDiverged`)."""
 
-    def __init__(self, learning_rate=None):
+    def __init__(self, learning_rate=None, saver=None):
         super().__init__()
         self.learning_rate = learning_rate
+        self.saver = saver  # the run's EpochCheckpoint: names the checkpoint that is kept
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -98,10 +99,12 @@ class FiniteGuard(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             rate = "" if self.learning_rate is None else f" {self.learning_rate}"
+            kept = self.saver.epochs() if self.saver is not None else []
+            kept = (f"the checkpoint after epoch {kept[-1]} is kept" if kept
+                    else "no checkpoint had been written")
             raise TrainingDiverged(
                 f"training diverged at epoch {self.epoch + 1}, step {batch + 1}: the loss is "
-                f"{float(loss)}; the last good checkpoint is kept and nothing was evaluated or "
-                f"exported.",
+                f"{float(loss)}; {kept}, and nothing was evaluated or exported.",
                 hint=f"the likely cause is a learning rate{rate} too high for this model; "
                      f"lower it (or use float32 instead of mixed precision).")
 

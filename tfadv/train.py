@@ -380,7 +380,7 @@ class Run:
         # Early stopping first, so an epoch's best model is on disk before its checkpoint is.
         every = [self.early_stopping] if self.early_stopping is not None else []
         every += [*self.callbacks, *([self.summaries] if self.summaries.every_n_epochs else []),
-                  ckpt.FiniteGuard(self.learning_rate), self.saver,
+                  ckpt.FiniteGuard(self.learning_rate, self.saver), self.saver,
                   keras.callbacks.TensorBoard(log_dir=self.log_dir, write_graph=False)]
         self.defense.fit(
             self.data.training.epochs(self.initial_epoch, self.epochs),
