@@ -184,11 +184,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return int(self.epoch.numpy()), manifest.get("state")
         return 0, None
 
-    def restore_weights_of(self, epoch, model):
-        """Loads only ``model``'s weights from the checkpoint after ``epoch`` (early stopping's
-        selection); ``model`` must be the saved defense's base model."""
+    def restore_epoch(self, epoch):
+        """Restores the verified checkpoint after ``epoch`` in full (early stopping's selection,
+        once training is over); raises ValueError if it is not intact."""
         self.verify(epoch)
-        tf.train.Checkpoint(**self._objects).read(self.prefix(epoch)).expect_partial()
+        self._checkpoint.read(self.prefix(epoch)).assert_existing_objects_matched()
 
     def save(self, epoch, state):
         """Writes the checkpoint after ``epoch`` (module docstring), then prunes old ones. A

@@ -165,7 +165,7 @@ class RunLock:
         fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                       "since": _now_iso()}, f)
+                       "since": now_iso()}, f)
 
     def acquire(self):
         from tfadv.cli import UserError
@@ -213,7 +213,7 @@ class RunLock:
         self.release()
 
 
-def _now_iso():
+def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -295,7 +295,7 @@ class Run:
                             f"or one from an older version); nothing was changed.",
                             hint="choose another --model_dir, or pass --restart to move them "
                                  "to previous/ and start over.")
-        info = {"created": rundir._now_iso(), "bindings": bindings, "seed": self.seed,
+        info = {"created": rundir.now_iso(), "bindings": bindings, "seed": self.seed,
                 "tfadv_version": tfadv.__version__, "tensorflow_version": tf.__version__,
                 "argv": sys.argv, "resumes": []}
         if has_run:
@@ -403,8 +403,8 @@ class Run:
                                         strategy=self.strat)
         best = es.state["best_epoch"]
         if best in self.saver.epochs():
-            self.saver.restore_weights_of(best, self.base_model)
-        else:  # a checkpoint from before best epochs were protected
+            self.saver.restore_epoch(best)
+        else:  # not among this process's checkpoints (a worker that resumed from the chief's)
             self.base_model.set_weights(keras.models.load_model(es.best_path).get_weights())
         print(f"tfadv: selected the checkpoint of epoch {best} ({es.monitor} "
               f"{es.state['best']:.4f})")
