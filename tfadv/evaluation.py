@@ -21,7 +21,10 @@ does not make the headline unreliable.
 **Remedies** run by themselves when a check fails (``remedies=True``), and join the worst case:
 
 - predictions that change between identical calls (a randomised model): AutoAttack's ``rand``
-  version, APGD-CE and APGD-DLR with expectation over transformation (EOT) over 20 calls;
+  version, APGD-CE and APGD-DLR with expectation over transformation (EOT) over 20 calls. Such a
+  model's prediction, clean and under every attack, is then its majority vote over the same 20
+  calls (ties to the lower class), so that a single lucky or unlucky draw cannot decide an
+  example and the per-attack numbers compare attacks, not noise;
 - no gradient path, non-finite, zero or saturated input gradients: Square with a larger query
   budget, and BPDA (`tfadv.attacks.bpda`): layers found to block the gradient get a
   straight-through backward pass and the standard AutoAttack runs through them.
@@ -67,7 +70,7 @@ CURVE_FRACTIONS = (0.0, 0.5, 1.0, 1.5, 2.0)
 HEADLINE_VERSIONS = ("standard", "fast")  # of the AutoAttack in every headline
 UNRELIABLE_EXIT_CODE = 3  # bin/train and bin/evaluate exit with it for an unreliable headline
 PGD_GAP = 0.05  # pgd_vs_strongest: PGD more than this above the strongest attack is unreliable
-EOT_SAMPLES = 20  # AutoAttack 'rand': model calls averaged per gradient
+EOT_SAMPLES = 20  # AutoAttack 'rand': model calls averaged per gradient, and votes per prediction
 
 
 # --- models --------------------------------------------------------------------------------
@@ -85,6 +88,19 @@ def _predict_fn(model, image_shape):
     # evaluation in a process (it counts per code object), as for the attacks (attacks/base.py).
     fn._omit_frequent_tracing_warning = True  # noqa: SLF001
     return fn
+
+
+def _majority_vote(predict, calls=EOT_SAMPLES):
+    """The prediction of a randomised model: per example, the vote counts of its argmax over
+    ``calls`` calls (argmax of the counts = the majority class, ties to the lower class)."""
+    def vote(x):
+        counts = 0
+        for _ in range(calls):
+            logits = np.asarray(predict(x))
+            counts = counts + np.eye(logits.shape[-1], dtype="float32")[np.argmax(logits, -1)]
+        return counts
+
+    return vote
 
 
 def _batches(dataset, max_examples):
@@ -600,7 +616,8 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
 
     Returns:
       dict with ``headline`` (``accuracy``, ``verdict``, ``reliable``, ``autoattack``,
-      ``label``), ``num_examples``, ``clean_accuracy``, ``robust_accuracy`` (per attack, the
+      ``label``), ``num_examples``, ``prediction`` (one call, or a randomised model's
+      majority vote), ``clean_accuracy``, ``robust_accuracy`` (per attack, the
       remedies included), ``worst_case_accuracy`` (= the headline accuracy), ``remedies``,
       ``counts``, ``seconds``, ``threat_model``, ``attack_details`` (per ensemble: examples each
       component fooled first), ``robustness_curve``, ``sanity_checks`` and ``per_example``.
@@ -636,15 +653,17 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
         attacks[name] = AutoAttack(threat["eps"], norm=threat["norm"], version=autoattack,
                                    seed=seed)
 
+    checks = model_checks(model, *batches[0]) if sanity else []
+    randomised = any(c["name"] == "deterministic" and c["passed"] is False for c in checks)
+    if randomised:
+        predict = _majority_vote(predict)
     start = time.perf_counter()
     clean_logits = np.concatenate([np.asarray(predict(x)) for x, _ in batches])
     clean = np.argmax(clean_logits, -1) == y_all
     seconds = {"clean": time.perf_counter() - start}
-    checks = model_checks(model, *batches[0]) if sanity else []
     extra = (_remedies(model, checks, threat, batches[0][0], seed, square_queries,
                        _autoattack_version(attacks))
              if sanity and remedies and threat else {})
-    randomised = any(c["name"] == "deterministic" and c["passed"] is False for c in checks)
     grid = []
     if sanity and threat:
         grid = [f * threat["eps"] for f in curve_fractions] + [
@@ -705,6 +724,8 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
 
     result = {
         "num_examples": int(n),
+        "prediction": (f"majority vote over {EOT_SAMPLES} calls (randomised model)"
+                       if randomised else "one call"),
         "clean_accuracy": float(clean.mean()),
         "robust_accuracy": {k: float(v.mean()) for k, v in robust.items()},
         "worst_case_accuracy": float(worst.mean()),
