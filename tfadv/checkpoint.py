@@ -55,13 +55,24 @@ class RunCallback(keras.callbacks.Callback):
     state_key = None  # a unique name; None: nothing to save
 
     def attach(self, model_dir, base_model, data):
-        pass
+        """Called by `tfadv.train.train` once before training (and before `set_state` on a
+        resume). Default: nothing.
+
+        Args:
+          model_dir: the run directory this task writes to (`tfadv.rundir` layout).
+          base_model: the classifier being trained (images in [0, 1] -> logits), not the
+            defense that wraps it.
+          data: the run's `tfadv.data.Data` (batched ``train``, ``validation``, ``test``).
+        """
 
     def get_state(self):
+        """The callback's state after a finished epoch, saved under `state_key` in that
+        epoch's checkpoint manifest: JSON-serialisable, or ``None`` (default) for none."""
         return None
 
     def set_state(self, state):
-        pass
+        """Takes back what `get_state` returned, from the checkpoint a run resumes from (called
+        only when the manifest holds a state under `state_key`). Default: nothing."""
 
 
 def _sha256(file):
@@ -131,9 +142,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.protected = set()
 
     def prefix(self, epoch):
+        """The path prefix ``<directory>/ckpt-<epoch>`` of the checkpoint after ``epoch``
+        (1-based): its TF files are ``<prefix>.index`` and ``<prefix>.data-*``."""
         return os.path.join(self.directory, f"ckpt-{epoch}")
 
     def manifest(self, epoch):
+        """The path of ``ckpt-<epoch>.json``, the manifest that commits the checkpoint after
+        ``epoch`` (module docstring)."""
         return self.prefix(epoch) + ".json"
 
     def epochs(self):
@@ -284,22 +299,31 @@ class RobustEarlyStopping(RunCallback):
     state_key = "early_stopping"
 
     def attach(self, model_dir, base_model, data=None):
-        """Sets where the best model and the state go."""
+        """Sets where the best model and the state go (``model_dir``) and which model is saved
+        when the monitored value improves (``base_model``, the classifier without its defense).
+        ``data`` is not used."""
         self.model_dir = model_dir
         self.base_model = base_model
 
     def get_state(self):
+        """A copy of the state: ``best`` (the best ``monitor`` value so far, or None),
+        ``best_epoch`` (its 1-based epoch), ``wait`` (validation epochs since it improved) and
+        ``stopped_epoch`` (the epoch ``patience`` stopped training at, or None)."""
         return dict(self.state)
 
     def set_state(self, state):
+        """Restores the state `get_state` saved (resume): the search continues where it was."""
         self.state = dict(state)
 
     @property
     def best_path(self):
+        """``<model_dir>/best.keras``: the base model at the best epoch so far."""
         return rundir.path(self.model_dir, rundir.BEST)
 
     @property
     def state_path(self):
+        """``<model_dir>/early_stopping.json``: the state, rewritten after every validation
+        epoch."""
         return os.path.join(self.model_dir, "early_stopping.json")
 
     def on_train_begin(self, logs=None):

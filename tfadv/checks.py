@@ -9,7 +9,17 @@ import numpy as np
 
 
 def check_number(name, value, low, *, strict, integer=False, high=None):
-    """Raises ValueError naming ``name`` and the allowed range unless ``value`` is in it."""
+    """Raises ValueError naming ``name`` and the allowed range unless ``value`` is in it.
+
+    Args:
+      name: the parameter's name, as the user wrote it (e.g. ``'eps'``, ``'AWP.gamma'``).
+      value: the value to check; it must be a real number (an integer with ``integer=True``),
+        never a bool.
+      low: the lower bound.
+      strict: ``value > low`` when True, ``value >= low`` when False.
+      integer: require an integer.
+      high: optional upper bound, inclusive.
+    """
     ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
         value, bool)
     too_low = ok_type and (value <= low if strict else value < low)

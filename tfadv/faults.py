@@ -4,7 +4,8 @@ can be made to die or fail, the way etcd's and TiKV's failpoints work.
 ``TFADV_FAULT='<point>[@<n>]:<action>[,...]'`` makes the n-th time (default 1st) execution passes
 ``failpoint('<point>')`` do ``<action>``: ``kill`` (SIGKILL: no cleanup, no flush, as a power cut
 or the OOM killer would), ``enospc`` (an OSError "No space left on device", as a full disk
-would) or ``interrupt`` (KeyboardInterrupt, as Ctrl-C would; for in-process tests). Unset (always, outside the tests), a failpoint costs one dictionary lookup."""
+would) or ``interrupt`` (KeyboardInterrupt, as Ctrl-C would; for in-process tests). Unset
+(always, outside the tests), a failpoint costs one dictionary lookup."""
 
 import errno
 import os
@@ -19,6 +20,10 @@ def reset():
 
 
 def failpoint(name):
+    """The failpoint called ``name``. Without ``TFADV_FAULT`` it returns at once. Otherwise it
+    counts this pass and, when ``TFADV_FAULT`` names the point for this pass (module docstring),
+    does its action: ``kill`` sends SIGKILL to this process, ``enospc`` raises OSError(ENOSPC),
+    ``interrupt`` raises KeyboardInterrupt."""
     spec = os.environ.get("TFADV_FAULT")
     if not spec:
         return

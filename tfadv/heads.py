@@ -109,6 +109,8 @@ class MMCHead(layers.Layer):
         self.c_mm = float(c_mm)
 
     def build(self, input_shape):
+        """Creates the non-trainable ``centers`` (L, D) = `mmc_centers` (L, D, C_MM), D the
+        input's last dimension; ValueError when D is unknown or < L."""
         dim = input_shape[-1]
         if dim is None:
             raise ValueError("MMCHead needs a known feature dimension (last input axis).")
@@ -118,11 +120,14 @@ class MMCHead(layers.Layer):
             initializer=lambda shape, dtype=None: ops.convert_to_tensor(centers, dtype=dtype))
 
     def call(self, z):
+        """f_k = -||z - mu_k||^2 for features z of shape (..., D): (..., L) scores,
+        the largest for the nearest centre."""
         z = ops.cast(z, self.centers.dtype)
         diff = ops.expand_dims(z, -2) - self.centers  # (..., L, D)
         return -ops.sum(ops.square(diff), axis=-1)
 
     def compute_output_shape(self, input_shape):
+        """``input_shape`` with its last axis (D) replaced by L = ``num_classes``."""
         return (*input_shape[:-1], self.num_classes)
 
     def get_config(self):
@@ -248,17 +253,23 @@ class HypersphereHead(layers.Layer):
         self.scale = float(scale)
 
     def build(self, input_shape):
+        """Creates the trainable (D, L) ``kernel`` W, D the input's last dimension, with
+        unit-norm columns W_k (unit-norm initialisation, `keras.constraints.UnitNorm` after
+        every optimizer update)."""
         self.kernel = self.add_weight(
             name="kernel", shape=(int(input_shape[-1]), self.num_classes),
             initializer=_unit_columns("glorot_uniform"),
             constraint=keras.constraints.UnitNorm(axis=0))
 
     def call(self, features):
+        """logits_k = s * <h / ||h||, W_k> = s * cos(theta_k) for features h of shape
+        (..., D) (norm floored at 1e-12): (..., L), in [-s, s]."""
         features = ops.cast(features, self.kernel.dtype)
         unit = features / ops.maximum(ops.norm(features, axis=-1, keepdims=True), 1e-12)
         return self.scale * ops.matmul(unit, self.kernel)
 
     def compute_output_shape(self, input_shape):
+        """``input_shape`` with its last axis (D) replaced by L = ``num_classes``."""
         return (*input_shape[:-1], self.num_classes)
 
     def get_config(self):

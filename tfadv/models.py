@@ -61,7 +61,21 @@ def _bn(name=None):
 
 @gin.configurable
 def digits_cnn(input_shape=(8, 8, 1), num_classes=10, mean=0.0, std=1.0, weight_decay=0.0):
-    """conv3x3x32, conv3x3x64, max-pool, conv3x3x128, max-pool, fc 256, fc ``num_classes``."""
+    """conv3x3x32, conv3x3x64, max-pool, conv3x3x128, max-pool, fc 256, fc ``num_classes``
+    (ReLU, same padding, no BatchNorm): tfadv's small CNN for the 8x8 digits.
+
+    Args (the same for every builder here):
+      input_shape: (height, width, channels) of the images.
+      num_classes: number of classes (>= 2).
+      mean, std: per-channel input normalisation, in [0, 1] pixel units (a scalar or one value
+        per channel; std > 0); the model's first layer, skipped for mean 0, std 1.
+      weight_decay: PyTorch-style weight decay on conv and dense kernels (an L2 regularizer of
+        weight_decay / 2; module docstring), >= 0.
+
+    Returns:
+      a `keras.Model` from (batch, *input_shape) images in [0, 1] to (batch, num_classes)
+      float32 logits; the output layer is named ``logits``.
+    """
     input_shape, num_classes = _check_io(input_shape, num_classes)
     reg = _regularizer(weight_decay)
     inputs = keras.Input(input_shape, name="images")
@@ -81,7 +95,9 @@ def digits_cnn(input_shape=(8, 8, 1), num_classes=10, mean=0.0, std=1.0, weight_
 @gin.configurable
 def madry_mnist_cnn(input_shape=(28, 28, 1), num_classes=10, mean=0.0, std=1.0,
                     weight_decay=0.0):
-    """Madry et al. (2018) MNIST challenge CNN (mnist_challenge/model.py)."""
+    """Madry et al. (2018) MNIST challenge CNN (mnist_challenge/model.py): conv5x5x32, max-pool,
+    conv5x5x64, max-pool, fc 1024, fc ``num_classes`` (ReLU, same padding). Arguments and output
+    as `digits_cnn`."""
     input_shape, num_classes = _check_io(input_shape, num_classes)
     reg = _regularizer(weight_decay)
     inputs = keras.Input(input_shape, name="images")
@@ -100,7 +116,10 @@ def madry_mnist_cnn(input_shape=(28, 28, 1), num_classes=10, mean=0.0, std=1.0,
 @gin.configurable
 def small_cnn(input_shape=(28, 28, 1), num_classes=10, mean=0.0, std=1.0, weight_decay=0.0,
               dropout=0.5):
-    """TRADES' SmallCNN (TRADES/models/small_cnn.py): valid 3x3 convs, zero-initialised head."""
+    """TRADES' SmallCNN (TRADES/models/small_cnn.py): valid 3x3 convs (32, 32, max-pool, 64,
+    64, max-pool), fc 200, dropout, fc 200, zero-initialised fc ``num_classes``. Arguments and
+    output as `digits_cnn`, plus ``dropout`` (the rate, official 0.5); images must be at least
+    16x16."""
     input_shape, num_classes = _check_io(input_shape, num_classes)
     if min(input_shape[:2]) < 16:
         raise ValueError(f"small_cnn needs images of at least 16x16 (four valid 3x3 convs and "
@@ -140,7 +159,9 @@ def _preact_block(x, filters, stride, reg, name):
 @gin.configurable
 def preact_resnet18(input_shape=(32, 32, 3), num_classes=10, mean=0.0, std=1.0,
                     weight_decay=0.0):
-    """PreAct ResNet-18: stages of 2 blocks at widths 64/128/256/512, strides 1/2/2/2."""
+    """PreAct ResNet-18 (He et al. 2016; the model of Rice et al. and AWP): a 3x3 stem, stages
+    of 2 pre-activation blocks at widths 64/128/256/512 with strides 1/2/2/2, BN-ReLU, global
+    average pooling, fc ``num_classes``. Arguments and output as `digits_cnn`."""
     input_shape, num_classes = _check_io(input_shape, num_classes)
     reg = _regularizer(weight_decay)
     inputs = keras.Input(input_shape, name="images")
@@ -177,7 +198,11 @@ def _wide_block(x, filters, stride, reg, name):
 @gin.configurable
 def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth=34, width=10, mean=0.0, std=1.0,
                 weight_decay=0.0):
-    """WideResNet-``depth``-``width``: (depth - 4) / 6 blocks per stage at widths 16k/32k/64k."""
+    """WideResNet-``depth``-``width`` (Zagoruyko & Komodakis 2016, as in TRADES / RST / AWP):
+    a 3x3 stem of 16, three stages of (depth - 4) / 6 blocks at widths 16k/32k/64k (k =
+    ``width``) with strides 1/2/2, BN-ReLU, global average pooling, fc ``num_classes``.
+    ``depth`` is 6n + 4 >= 10 (WRN-34-10: depth 34, width 10). Other arguments and output as
+    `digits_cnn`."""
     input_shape, num_classes = _check_io(input_shape, num_classes)
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise ValueError(f"depth must be an integer 6n + 4 >= 10 (e.g. 28, 34); got {depth!r}.")
@@ -217,7 +242,8 @@ def gowal_cnn(input_shape=(28, 28, 1), num_classes=10, size="large", mean=0.0, s
     and hidden fc layer, no BatchNorm. ``size``: 'small' (conv4x4x16 s2, conv4x4x32, fc100),
     'medium' (conv 32, 32 s2, 64, 64 s2, fc512, fc512; valid padding) or 'large' (conv3x3 64,
     64, 128 s2, 128, 128, same padding, fc512: the paper's best MNIST/CIFAR-10 model).
-    ``mean``, ``std``: per-channel normalisation as the first layer (official CIFAR-10)."""
+    ``mean``, ``std``: per-channel normalisation as the first layer (official CIFAR-10). Other
+    arguments and output as `digits_cnn`."""
     input_shape, num_classes = _check_io(input_shape, num_classes)
     if size not in _GOWAL_SIZES:
         raise ValueError(f"size must be one of {sorted(_GOWAL_SIZES)}; got {size!r}.")
@@ -248,7 +274,9 @@ MODELS = {
 
 @gin.configurable
 def build_model(name="digits_cnn", input_shape=None, num_classes=None):
-    """Builds the model called ``name`` (a key of `MODELS`) for the given data shape."""
+    """Builds the model called ``name`` (a key of `MODELS`) for images of ``input_shape``
+    (H, W, C) and ``num_classes`` classes (`tfadv.train` passes the dataset's); the builder's
+    other arguments come from its own gin bindings. Raises ValueError for an unknown name."""
     if name not in MODELS:
         raise ValueError(f"model name must be one of {sorted(MODELS)}; got {name!r}.")
     return MODELS[name](input_shape=input_shape, num_classes=num_classes)

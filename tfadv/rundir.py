@@ -56,16 +56,21 @@ def path(model_dir, *names):
 
 
 def is_run_dir(directory):
+    """Whether ``directory`` holds a `bin/train` run, started or finished: it has a
+    ``run.json``, a ``model.keras`` or a ``checkpoints/``."""
     return os.path.isdir(directory) and (os.path.exists(path(directory, RUN))
                                          or os.path.exists(path(directory, MODEL))
                                          or os.path.isdir(path(directory, CHECKPOINTS)))
 
 
 def is_finished(model_dir):
+    """Whether the run in ``model_dir`` has finished: its ``report.json`` exists."""
     return os.path.exists(path(model_dir, REPORT))
 
 
 def read_json(file):
+    """The parsed content of the JSON file ``file``. Raises OSError when it cannot be read and
+    ValueError (`json.JSONDecodeError`) when it is not valid JSON (e.g. truncated)."""
     with open(file) as f:
         return json.load(f)
 
@@ -113,6 +118,8 @@ def atomic_write_text(target, text):
 
 
 def atomic_write_json(target, obj):
+    """Writes ``obj`` as JSON (indented by 2, with a final newline) to ``target`` atomically
+    (`atomic_write_text`)."""
     atomic_write_text(target, json.dumps(obj, indent=2) + "\n")
 
 
@@ -168,6 +175,13 @@ class RunLock:
                        "since": now_iso()}, f)
 
     def acquire(self):
+        """Takes the lock (creating ``model_dir`` if needed) and returns ``self``. A stale lock
+        (its process is gone, same host) is taken over with one warning line on stderr.
+
+        Raises:
+          UserError: the lock is held by a live process of this host, by this process
+            already, or by a process of another host (whose liveness cannot be checked).
+        """
         from tfadv.cli import UserError
 
         os.makedirs(self.model_dir, exist_ok=True)
@@ -201,6 +215,8 @@ class RunLock:
         raise UserError(f"could not lock model_dir {self.model_dir}.")
 
     def release(self):
+        """Removes the lock file if this object holds the lock; does nothing otherwise, so it
+        is safe to call twice."""
         if self.held:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.file)
@@ -214,6 +230,7 @@ class RunLock:
 
 
 def now_iso():
+    """The current UTC time as ISO 8601 to the second, e.g. ``2026-12-02T16:08:00Z``."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -267,6 +284,9 @@ def config_diff(old_text, new_text, ignore=()):
 
 
 def format_diff(diff, limit=4):
+    """A `config_diff` result ``[(name, old, new)]`` as one line for an error message:
+    ``name: old in the run, new now`` for the first ``limit`` bindings, joined by ``; ``, then
+    ``; and N more``; ``(unset)`` stands for a binding one side lacks."""
     shown = "; ".join(f"{k}: {o if o is not None else '(unset)'} in the run, "
                       f"{n if n is not None else '(unset)'} now" for k, o, n in diff[:limit])
     more = f"; and {len(diff) - limit} more" if len(diff) > limit else ""

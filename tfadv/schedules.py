@@ -14,6 +14,14 @@ class PiecewiseConstant:
     """Piecewise-constant learning rate: ``values[i]`` until epoch ``boundaries[i]``.
 
     E.g. Madry CIFAR-10: ``boundaries=[102, 154], values=[0.1, 0.01, 0.001]``.
+
+    Args:
+      boundaries: increasing epochs > 0 (fractions allowed) at which the rate changes; each
+        becomes ``round(boundary * steps_per_epoch)`` optimizer steps.
+      values: the learning rates (> 0), one more than ``boundaries``.
+
+    Calling it with ``steps_per_epoch`` returns a `keras.optimizers.schedules.
+    PiecewiseConstantDecay`, or the constant ``values[0]`` when there are no boundaries.
     """
 
     def __init__(self, boundaries=(), values=(0.1,)):
@@ -36,7 +44,13 @@ class PiecewiseConstant:
 
 @gin.configurable
 class Cosine:
-    """Cosine decay from ``initial`` to ``initial * alpha`` over ``epochs`` epochs."""
+    """Cosine decay from ``initial`` to ``initial * alpha`` over ``epochs`` epochs
+    (`keras.optimizers.schedules.CosineDecay`), per optimizer step t:
+
+        lr(t) = initial * ((1 - alpha) * (1 + cos(pi * min(t, T) / T)) / 2 + alpha),
+
+    T = int(``epochs`` * steps_per_epoch). Args: ``initial`` > 0, ``epochs`` > 0, ``alpha`` the
+    final fraction of ``initial`` (0: decay to 0)."""
 
     def __init__(self, initial=0.1, epochs=1, alpha=0.0):
         if initial <= 0 or epochs <= 0:
@@ -68,7 +82,13 @@ class _TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
 class Triangular:
     """Cyclic (one-cycle, triangular) learning rate of Wong et al. 2020 (``lr_schedule`` in
     locuslab/fast_adversarial): linear from 0 to ``peak`` over the first ``peak_fraction`` of
-    ``epochs`` epochs, then linear back to 0 at the end."""
+    ``epochs`` epochs, then linear back to 0 at the end. Per optimizer step t:
+
+        lr(t) = peak * clip(min(t / t_peak, (T - t) / (T - t_peak)), 0, 1),
+
+    T = int(``epochs`` * steps_per_epoch), t_peak = int(``peak_fraction`` * T) (both
+    denominators floored at 1). Args: ``peak`` > 0, ``epochs`` > 0, ``peak_fraction`` in
+    (0, 1)."""
 
     def __init__(self, peak=0.2, epochs=15, peak_fraction=0.4):
         if peak <= 0 or epochs <= 0 or not 0 < peak_fraction < 1:

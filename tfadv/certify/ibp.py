@@ -98,10 +98,12 @@ class Interval:
 
     @property
     def lower(self):
+        """The lower ends, center - radius (elementwise)."""
         return self.center - self.radius
 
     @property
     def upper(self):
+        """The upper ends, center + radius (elementwise)."""
         return self.center + self.radius
 
     def map(self, fn):
@@ -384,7 +386,9 @@ def _drop_nominal(box, rows):
 
 def logit_bounds(model, lower, upper, values=None, batch_statistics=None):
     """Interval bounds ``(z_lower, z_upper)`` on ``model``'s outputs over the box
-    ``lower <= x <= upper`` (no elision; see `worst_case_logits` for the margins).
+    ``lower <= x <= upper`` (no elision; see `worst_case_logits` for the margins). Layer by
+    layer (module docstring), an affine layer maps the interval (mu, r) to (W mu + b, |W| r) and
+    a monotone activation h maps its ends, [h(l), h(u)].
 
     Args:
       model: a Functional or Sequential Keras model built from `SUPPORTED_LAYERS`.

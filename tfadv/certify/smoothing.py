@@ -102,7 +102,12 @@ def lower_confidence_bound(k, n, alpha):
 
 
 class Smooth:
-    """The smoothed classifier g of a base classifier f (Cohen et al. 2019; module docstring).
+    """The smoothed classifier g of a base classifier f (Cohen et al. 2019; module docstring):
+
+        g(x) = argmax_c P( f(x + eps) = c ),   eps ~ N(0, sigma^2 I),
+
+    with f = ``model`` and sigma = ``sigma``; `certify` returns g's class c_A and the certified
+    L2 radius R = sigma * Phi^-1(p_A_lower) ([0, 1] pixel units), `predict` the class alone.
 
     Example (runs as is)::
 

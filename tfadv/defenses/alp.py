@@ -23,8 +23,13 @@ from tfadv.defenses.paired import PairedLossDefense
 
 
 def alp_loss(y, clean_logits, adv_logits, beta, ce=cross_entropy):
-    """Per-example ALP loss (module docstring), in float32 (``ce``: the cross-entropy, e.g. with
-    the HE margin, as ALP+HE in the official HE code)."""
+    """Per-example ALP loss (Kannan et al. 2018, Sec. 3.2, as HE's ``alp_loss``), in float32:
+
+        0.5 * CE(f(x), y) + 0.5 * CE(f(x'), y) + beta * (1/K) ||f(x) - f(x')||_2^2
+
+    with f(x) = ``clean_logits`` and f(x') = ``adv_logits`` (batch, K), y = ``y``, beta =
+    ``beta``; ``ce`` is the cross-entropy (e.g. with the HE margin, as ALP+HE in the official
+    HE code). Returns (batch,)."""
     clean_logits = tf.cast(clean_logits, tf.float32)
     adv_logits = tf.cast(adv_logits, tf.float32)
     pairing = tf.reduce_mean(tf.square(clean_logits - adv_logits), axis=-1)
@@ -33,7 +38,12 @@ def alp_loss(y, clean_logits, adv_logits, beta, ce=cross_entropy):
 
 @gin.configurable(denylist=["base_model"])
 class ALP(PairedLossDefense):
-    """Adversarial logit pairing (Kannan et al. 2018) around any Keras classifier.
+    """Adversarial logit pairing (Kannan et al. 2018) around any Keras classifier. It minimises
+    (`alp_loss`)
+
+        E[ 0.5 * CE(f(x), y) + 0.5 * CE(f(x'), y) + beta * (1/K) ||f(x) - f(x')||_2^2 ]
+
+    with f = ``base_model`` (K logits), x' = ``attack``(x, y), beta = ``beta``.
 
     Args:
       base_model: classifier from images in [0, 1] to logits.

@@ -45,7 +45,12 @@ _EPS = 1e-20  # the official code's guard in ||w|| / (||d|| + 1e-20)
 @gin.configurable
 class AWP:
     """Adversarial weight perturbation settings; pass as ``awp=`` to a defense (gin:
-    ``TRADES.awp = @AWP()``).
+    ``TRADES.awp = @AWP()``). The defense then minimises (module docstring)
+
+        min_w max_{||v_l|| <= gamma ||w_l||} rho(w + v),   v_l = gamma ||w_l|| d_l / ||d_l||,
+
+    rho = the defense's adversarial loss, d_l = grad_{w_l} rho(w) for each kernel l, gamma =
+    ``gamma``; no perturbation before epoch ``warmup_epochs``.
 
     Args:
       gamma: relative size of the weight perturbation per layer, >= 0 (paper: 0.01 for AT-AWP,

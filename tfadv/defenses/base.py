@@ -47,6 +47,8 @@ from tfadv.heads import HypersphereHead
 
 
 def num_replicas():
+    """The number of replicas of the current `tf.distribute` strategy (1 outside any): the
+    factor between one replica's share of the loss and the global-batch loss."""
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
@@ -181,9 +183,13 @@ class Defense(keras.Model):
 
     # --- Keras plumbing -------------------------------------------------------------------
     def call(self, inputs, training=False):
+        """The base classifier's logits for ``inputs`` (images in [0, 1]): a defense predicts
+        exactly as the model it wraps; ``training`` is passed on (BatchNorm, dropout)."""
         return self.base_model(inputs, training=training)
 
     def build(self, input_shape):
+        """Builds the base model for ``input_shape`` (batch, H, W, C) if it is not built yet
+        (e.g. a `keras.Sequential` of layers only), then the defense."""
         if not self.base_model.built:
             self.base_model.build(input_shape)
         super().build(input_shape)
@@ -251,6 +257,14 @@ class Defense(keras.Model):
                          step * num_replicas() + tf.cast(replica, tf.int32)])
 
     def train_step(self, data):
+        """One training step on a batch ``(x, y[, sample_weight])`` (module docstring):
+        `prepare` outside the weights tape, the AWP perturbation when active, `objective` plus
+        the regularization losses under the tape, one optimizer update, then the BatchNorm
+        statistics written back. Attacks and noise with ``seed=None`` draw from `step_seed`.
+
+        Returns the logs: ``loss`` (global-batch mean, regularization included) and
+        ``adv_accuracy`` and/or ``accuracy``, the training accuracies on the examples the
+        objective saw."""
         with training_step_seed(self.step_seed()):
             return self._train_step(data)
 
@@ -294,6 +308,11 @@ class Defense(keras.Model):
         return cross_entropy(y, logits)
 
     def test_step(self, data):
+        """One validation / `evaluate` step on ``(x, y[, sample_weight])``: ``loss``
+        (`evaluation_loss` on the clean images plus regularization), clean ``accuracy`` and,
+        when there is an ``eval_attack``, ``robust_accuracy`` on its adversarial examples (its
+        seeds come from ``step_seed(salt=1)``). Both accuracies are of the base model in
+        inference mode (``training=False``)."""
         with training_step_seed(self.step_seed(salt=1)):
             return self._test_step(data)
 

@@ -67,14 +67,21 @@ class CatastrophicOverfittingMonitor(RunCallback):
     state_key = "catastrophic_overfitting"
 
     def get_state(self):
+        """``{'history', 'detected_epoch'}``: one record per finished epoch (``epoch``,
+        ``pgd_accuracy``, ``fgsm_accuracy``, ``detected``) and the first epoch a collapse was
+        detected at (None), saved in every checkpoint so a resumed run keeps its best PGD
+        accuracy."""
         return {"history": self.history, "detected_epoch": self.detected_epoch}
 
     def set_state(self, state):
+        """Restores the history and detected epoch `get_state` saved (resume)."""
         self.history = list(state["history"])
         self.detected_epoch = state["detected_epoch"]
 
     def attach(self, model_dir, base_model, data):
-        """Called by `tfadv.train`: where to log, what to check, on which data."""
+        """Called by `tfadv.train`: where to log (``model_dir``), what to check (``base_model``,
+        the classifier without its defense) and on which data (the first ``num_examples`` images
+        of ``data.validation``, or of ``data.test`` when there is no validation split)."""
         self.model_dir = model_dir
         self.base_model = base_model
         images, labels = [], []

@@ -70,7 +70,8 @@ _EIGHT_OVER_255 = 8.0 / 255.0
 
 
 def check_ls_factor(ls_factor):
-    """The label-smoothing factor delta: a number in [0, 1)."""
+    """Raises ValueError unless ``ls_factor``, the label-smoothing factor delta, is a number in
+    [0, 1)."""
     if (not isinstance(ls_factor, numbers.Real) or isinstance(ls_factor, bool)
             or not 0.0 <= ls_factor < 1.0):
         raise ValueError(f"ls_factor must be a number >= 0 and < 1; got {ls_factor!r}.")
@@ -98,7 +99,9 @@ def soft_cross_entropy(targets, logits):
 
 
 def feature_scatter_loss(labels, logits, ls_factor):
-    """Per-example training loss: soft cross-entropy against the label-smoothed targets."""
+    """Per-example Feature Scattering training loss, -sum_k y~_k log softmax(f(x'))_k with the
+    label-smoothed targets y~ of `label_smoothing` (delta = ``ls_factor``); ``logits`` are
+    f(x') of the adversarial batch, (batch, K). Returns (batch,) float32."""
     targets = label_smoothing(labels, logits.shape[-1], ls_factor)
     return soft_cross_entropy(targets, logits)
 
@@ -193,6 +196,13 @@ def official_eval_attack(attack):
 @gin.configurable(denylist=["base_model"])
 class FeatureScattering(Defense):
     """Feature Scattering adversarial training (Zhang & Wang 2019) around any Keras classifier.
+    It minimises (module docstring)
+
+        (1/B) sum_i -sum_k y~_ik log softmax(f(x'_i))_k,
+        x' = argmax_{x'_i in S_x_i} sum_ij T_ij C_ij,   C_ij = max(0, 1 - cos(f(x_i), f(x'_j)))
+
+    with f = ``base_model``, y~ the labels smoothed by delta = ``ls_factor``, T the Sinkhorn
+    transport plan for C and the argmax approximated by ``attack`` (S_x: its eps-ball).
 
     Example::
 

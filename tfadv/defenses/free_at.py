@@ -36,7 +36,13 @@ from tfadv.defenses.base import Defense, ModelState, replica_mean
 
 @gin.configurable(denylist=["base_model"])
 class FreeAdversarialTraining(Defense):
-    """Free adversarial training (Shafahi et al. 2019); see the module docstring.
+    """Free adversarial training (Shafahi et al. 2019); see the module docstring. It trains
+    f = ``base_model`` on
+
+        E[ max_{||delta||_inf <= eps} CE(f(clip(x + delta, 0, 1)), y) ]
+
+    with the inner max approximated by the carried perturbation delta: one sign step of size
+    eps = ``eps`` per replay, from the same backward pass as the weight update.
 
     Args:
       base_model: classifier from images in [0, 1] to logits.
@@ -80,6 +86,8 @@ class FreeAdversarialTraining(Defense):
             store["free_at_delta"] = self.delta.numpy()
 
     def load_own_variables(self, store):
+        """Restores the variables `save_own_variables` wrote, the carried perturbation
+        included when the store has one."""
         keys = list(store.keys())
         super().load_own_variables({k: store[k] for k in keys if k != "free_at_delta"})
         if self.delta is not None and "free_at_delta" in keys:
@@ -93,6 +101,13 @@ class FreeAdversarialTraining(Defense):
             self._make_delta(tuple(input_shape))
 
     def train_step(self, data):
+        """One Keras step = ``replays`` (m) optimizer updates on the same batch (paper,
+        Algorithm 1; module docstring): each replay's one backward pass on
+        L(theta, clip(x + delta, 0, 1), y) updates the weights and moves the carried
+        perturbation delta by eps * sign(grad_delta) within [-eps, eps] ([0, 1] pixel units).
+
+        Raises ValueError (or fails a graph assertion) when the batch has more rows than
+        ``batch_size``. Returns the logs ``loss`` and ``adv_accuracy`` of the last replay."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x = tf.cast(x, tf.float32)
         n = tf.shape(x)[0]

@@ -60,7 +60,12 @@ def add_training_noise(x, sigma, seed, optimizer):
 @gin.configurable(denylist=["base_model"])
 class GaussianAugmentation(Defense):
     """Training under Gaussian noise (Cohen et al. 2019), the base classifier of randomized
-    smoothing.
+    smoothing. It minimises
+
+        E_{z ~ N(0, I)}[ CE(f(x + sigma * z), y) ]
+
+    with f = ``base_model`` and sigma = ``sigma``, so that the smoothed classifier
+    g(x) = argmax_c P(f(x + sigma * z) = c) is accurate (`tfadv.certify.smoothing` certifies it).
 
     Example (runs as is)::
 

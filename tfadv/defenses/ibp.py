@@ -55,6 +55,14 @@ from tfadv.defenses.base import Defense, replica_mean
 @gin.configurable(denylist=["base_model"])
 class IntervalBoundPropagation(Defense):
     """IBP training (Gowal et al. 2018) around a Keras classifier made of IBP-supported layers.
+    It minimises (module docstring)
+
+        E[ kappa_t * CE(z(x), y) + (1 - kappa_t) * CE(zhat(x, eps_t), y) ]
+
+    with z = ``base_model``'s logits and zhat the IBP upper bounds on z_j - z_y over the L-inf
+    box of radius eps_t (`tfadv.certify.ibp.worst_case_logits`). kappa_t = 1 for the first
+    ``warmup_steps`` optimizer steps; then, over ``rampup_steps``, kappa_t goes linearly from
+    ``kappa_start`` to ``kappa_end`` while eps_t rises linearly from 0 to ``eps`` (`schedule`).
 
     Example (runs as is)::
 
@@ -154,6 +162,8 @@ class IntervalBoundPropagation(Defense):
         return replica_mean(per_example, sample_weight), {"clean": logits}
 
     def test_step(self, data):
+        """`Defense.test_step` plus ``verified_accuracy``: the fraction of the batch that IBP
+        verifies at ``eval_eps`` (moving BatchNorm statistics: the deployed model)."""
         results = super().test_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         ok = ibp.verified(self.base_model, x, y, self.eval_eps, self.clip_min, self.clip_max)

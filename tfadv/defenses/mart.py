@@ -24,7 +24,14 @@ from tfadv.defenses.paired import PairedLossDefense
 
 
 def mart_loss(y, clean_logits, adv_logits, beta):
-    """Per-example MART loss (module docstring), in float32."""
+    """Per-example MART loss (Wang et al. 2020, eq. 10; official ``mart.py``), in float32:
+
+        BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)),
+        BCE(p(x'), y) = -log p_y(x') - log(1 - max_{k != y} p_k(x'))
+
+    with p = softmax, x = the clean and x' the adversarial input, y = ``y`` (integer labels),
+    beta = ``beta``, and the official code's guards (1.0001, 1e-12, 1.0000001; module
+    docstring). ``clean_logits``, ``adv_logits``: (batch, classes) logits. Returns (batch,)."""
     y = tf.cast(y, tf.int32)
     clean_logits = tf.cast(clean_logits, tf.float32)
     adv_logits = tf.cast(adv_logits, tf.float32)
@@ -43,7 +50,11 @@ def mart_loss(y, clean_logits, adv_logits, beta):
 
 @gin.configurable(denylist=["base_model"])
 class MART(PairedLossDefense):
-    """MART (Wang et al. 2020) around any Keras classifier.
+    """MART (Wang et al. 2020) around any Keras classifier. It minimises (`mart_loss`)
+
+        E[ BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)) ],   x' = attack(x, y)
+
+    with p = softmax(``base_model``), beta = ``beta``, x' the ``attack``'s cross-entropy PGD.
 
     Args:
       base_model: classifier from images in [0, 1] to logits.

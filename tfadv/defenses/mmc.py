@@ -118,7 +118,12 @@ def _cw_margin_like(attack):
 
 @gin.configurable(denylist=["base_model"])
 class MMC(Defense):
-    """MMC training (``attack=None``) or AT-MMC (``attack=RandomTargetPGD()``), Pang et al.
+    """MMC training (``attack=None``) or AT-MMC (``attack=RandomTargetPGD()``), Pang et al. It
+    minimises (official ``dot_loss``, without the paper's 1/2; `mmc_loss`)
+
+        E[ ||z(x') - mu_y||_2^2 ],   x' = x (MMC) or x' = attack(x) (AT-MMC)
+
+    with z the input of the base model's `tfadv.heads.MMCHead` and mu_y its centre of class y.
 
     Example (runs as is)::
 

@@ -25,7 +25,13 @@ from tfadv.defenses.base import Defense, replica_mean
 
 @gin.configurable(denylist=["base_model"])
 class PGDAdversarialTraining(Defense):
-    """PGD adversarial training (Madry et al. 2018) around any Keras classifier.
+    """PGD adversarial training (Madry et al. 2018) around any Keras classifier. It minimises
+    the saddle-point objective (paper, eq. 2.1)
+
+        E[ max_{x' in B(x, eps)} CE(f_theta(x'), y) ]
+
+    over the weights theta of f = ``base_model``, the inner max approximated by ``attack``'s PGD
+    examples x' (B(x, eps): its eps-ball within the image box, [0, 1] pixel units).
 
     Example (runs as is)::
 

@@ -23,7 +23,12 @@ from tfadv.defenses.trades import trades_loss
 
 @gin.configurable(denylist=["base_model"])
 class StabilityTraining(PairedLossDefense):
-    """Stability training (RST_stab) around any Keras classifier.
+    """Stability training (RST_stab) around any Keras classifier. It minimises
+
+        E[ CE(f(x), y) + beta * KL(p(x) || p(x + delta)) ],   delta ~ N(0, sigma^2 I)
+
+    with f = ``base_model``, p = softmax(f), beta = ``beta``, sigma = ``sigma`` ([0, 1] pixel
+    units; the noise is not clipped).
 
     Args:
       base_model: classifier from images in [0, 1] to logits.
@@ -42,9 +47,12 @@ class StabilityTraining(PairedLossDefense):
         self.seed = seed
 
     def default_attack(self):
+        """None: stability training perturbs with Gaussian noise (`prepare`), not an attack."""
         return None
 
     def prepare(self, x, y):
+        """x + delta, delta ~ N(0, sigma^2 I), drawn for this training step and replica
+        (`tfadv.defenses.gaussian.add_training_noise`; [0, 1] pixel space, not clipped)."""
         return add_training_noise(x, self.sigma, self.seed, self.optimizer)
 
     def paired_loss(self, y, clean_logits, noisy_logits):

@@ -42,7 +42,12 @@ def trades_loss(y, clean_logits, adv_logits, beta, ce=cross_entropy):
 
 @gin.configurable(denylist=["base_model"])
 class TRADES(PairedLossDefense):
-    """TRADES (Zhang et al. 2019) around any Keras classifier.
+    """TRADES (Zhang et al. 2019) around any Keras classifier. It minimises (module docstring)
+
+        E[ CE(f(x), y) + beta * max_{x' in B(x, eps)} KL(p(x) || p(x')) ]
+
+    with f = ``base_model``, p = softmax(f), beta = ``beta`` and the inner max approximated by
+    ``attack`` (B(x, eps): its eps-ball within the image box, [0, 1] pixel units).
 
     Example::
 
@@ -79,10 +84,16 @@ class TRADES(PairedLossDefense):
             self.eval_attack = label_attack_like(self.attack)
 
     def default_attack(self):
+        """The official MNIST TRADES attack, used when ``attack=None``: L-inf PGD ascending
+        KL(p(x) || p(x')), eps 0.3, step 0.01, 40 steps ([0, 1] pixel units), from
+        x + 0.001 * N(0, I), eval mode."""
         return PGD(eps=0.3, step_size=0.01, steps=40, random_start="normal", init_scale=0.001,
                    loss_fn="kl_divergence")
 
     def prepare(self, x, y):
+        """x', the attack's approximate maximiser of KL(p(x) || p(x')) over the eps-ball,
+        given the clean probabilities p(x) (eval mode) as its targets; ``None`` when
+        ``beta == 0`` (clean training, no attack)."""
         if self.beta == 0:
             return None  # clean training: no attack needed
         clean_probs = tf.nn.softmax(self.base_model(x, training=False))
