@@ -11,7 +11,10 @@ import os
 import gin
 import keras
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+from tfadv import _launch
+
+# The configurations: the checkout's gin/, or the installed package data tfadv/gin/.
+GIN_DIR = _launch.resource_dir("gin")
 
 for _cls in (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW):
     try:
@@ -38,7 +41,8 @@ def _import_configurables():
 
 
 def resolve_gin_file(name):
-    """A path as given if it exists, else the file of that name in `GIN_DIR`."""
+    """A path as given if it exists, else the file of that name in `GIN_DIR` (``'awp'``,
+    ``'awp.gin'``, ``'paper/madry_cifar10.gin'``), in a checkout and installed alike."""
     if os.path.exists(name):
         return name
     candidate = os.path.join(GIN_DIR, name)
