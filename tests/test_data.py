@@ -51,13 +51,28 @@ def test_tfds_path_with_mock_data(name, shape, classes):
         xv, _ = next(iter(d.validation))
         xt, _ = next(iter(d.test))
     assert d.image_shape == shape and d.num_classes == classes
-    assert d.sizes["validation"] == 8 and d.sizes["test"] == 40
-    # (mock_data ignores split slicing, so the train count is whatever the pipeline yields)
+    # validation: the last 8 of the 40 mock training examples; train: the other 32
+    assert d.sizes == {"train": 32, "validation": 8, "test": 40}
     assert d.sizes["train"] == sum(len(b[1]) for b in d.train)
     for images in (x, xv, xt):
         assert images.dtype == tf.float32 and tuple(images.shape[1:]) == shape
         assert float(tf.reduce_min(images)) >= 0.0 and float(tf.reduce_max(images)) <= 1.0
     assert y.dtype == tf.int32 and int(tf.reduce_max(y)) < classes
+
+
+def test_tfds_validation_is_the_end_of_the_training_split():
+    with tfds.testing.mock_data(num_examples=12):
+        d = data.load_dataset("mnist", batch_size=5, validation_size=3, augment=False)
+        source = [(x.numpy(), int(y)) for x, y in tfds.load("mnist", split="train",
+                                                             as_supervised=True)]
+        xv, yv = dataset_arrays(d.validation)
+        xt, yt = dataset_arrays(d.train)
+    images = np.stack([x for x, _ in source]) / np.float32(255)
+    labels = np.array([y for _, y in source])
+    np.testing.assert_array_equal(xv, images[-3:])
+    np.testing.assert_array_equal(yv, labels[-3:])
+    assert sorted(map(bytes, xt)) == sorted(map(bytes, images[:-3]))
+    assert d.class_names == [str(k) for k in range(10)]
 
 
 def test_augmentation_pads_crops_and_flips():
@@ -82,7 +97,11 @@ def test_missing_tfds_dataset_fails_fast_with_instructions(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"name": "imagenet"}, "dataset name must be one of"),
+    ({"name": "imagenet"}, "dataset name must be one of digits, mnist, fashion_mnist, "
+                           "svhn_cropped, cifar10, cifar100 or your own data as"),
+    ({"augment": "rotate"}, "augment must be True .the dataset's default., False, or one of "
+                            "crop, crop_flip"),
+    ({"split_seed": 0.5}, "split_seed must be an integer"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"validation_size": -1}, "validation_size must be None or an integer >= 0"),
     ({"validation_size": 10}, "validation_size for digits is fixed"),

@@ -142,7 +142,8 @@ CASES = [
          E + "AWP.warmup_epochs=80 must be smaller than the number of training epochs (80): AWP "
              "would never start."),
     case("train-unknown-dataset", "train", [*TRAIN, "--gin_param=load_dataset.name = 'imagenet'"],
-         E + f"load_dataset.name: dataset name must be one of {DATASETS}; got 'imagenet'."),
+         E + f"load_dataset.name: dataset name must be one of {DATASETS} or your own data as "
+             "'npz:FILE', 'folder:DIR' or 'tfds:NAME'; got 'imagenet'."),
     case("train-unknown-model", "train", [*TRAIN, "--gin_param=train.model = 'resnet9000'"],
          E + f"train.model must be one of {MODELS}; got 'resnet9000'."),
     case("train-tfds-dataset-not-prepared", "train",

@@ -36,6 +36,7 @@ def _import_configurables():
     import tfadv.evaluation  # noqa: F401
     import tfadv.heads  # noqa: F401
     import tfadv.models  # noqa: F401
+    import tfadv.pseudo_label  # noqa: F401
     import tfadv.schedules  # noqa: F401
     import tfadv.train  # noqa: F401
 
