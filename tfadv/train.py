@@ -9,10 +9,11 @@ defense, optimizer), `Run.restore` (the newest intact checkpoint and the run's s
 
 - ``run.json`` and ``config.gin``: the bindings the run was started with, and the operative
   gin configuration (also in TensorBoard as text);
-- ``tensorboard/``: per-epoch loss, accuracies (train: adversarial; validation: clean and
-  robust) and learning rate; ``tensorboard/adversarial/``: adversarial example grids and logit
-  margin histograms every ``AdversarialSummaries.every_n_epochs`` epochs and the final robustness
-  curve (`tfadv.tensorboard`);
+- ``tensorboard/``: the run's HParams session (its hyperparameters from the start; at the end
+  the final clean and headline robust accuracy, its reliability and the robustness curve);
+  ``train/`` and ``validation/``: per-epoch loss, accuracies (train: adversarial; validation:
+  clean and robust) and learning rate; ``adversarial/``: labelled adversarial examples and logit
+  margin histograms every ``AdversarialSummaries.every_n_epochs`` epochs (`tfadv.tensorboard`);
 - ``checkpoints/``: a verified checkpoint per epoch (`tfadv.checkpoint`); running the same command
   again resumes after the last finished epoch, bit for bit;
 - ``model.keras``: the trained base classifier (the defense wrapper is not saved);
@@ -171,10 +172,15 @@ def train(model_dir, defense=PGDAdversarialTraining, model="digits_cnn", optimiz
     if export_dir is not None and (not isinstance(export_dir, (str, os.PathLike))
                                    or not os.fspath(export_dir)):
         raise ValueError(f"export_dir must be None or a non-empty path; got {export_dir!r}.")
-    if initial_weights is not None and not os.path.exists(initial_weights):
-        raise UserError(f"initial_weights {initial_weights} does not exist.",
-                        hint="train the source model first, e.g. bin/train "
-                             "--gin_file=pretrain.gin.")
+    if initial_weights is not None:  # relative: to the working directory, as model_dir
+        given, initial_weights = initial_weights, data_lib.resolve_path(initial_weights)
+        if not os.path.exists(initial_weights):
+            relative = ("" if os.path.isabs(given)
+                        else f" ({given!r} relative to the working directory)")
+            raise UserError(f"initial_weights {initial_weights}{relative} does not exist.",
+                            hint=data_lib.run_output_hint(
+                                initial_weights, "train", fallback="train the source model "
+                                "first, e.g. bin/train --gin_file=pretrain.gin."))
     if not (isinstance(defense, type) and issubclass(defense, keras.Model)):
         raise ValueError(f"defense must be a tfadv.defenses.Defense class; got {defense!r}.")
     if isinstance(model, str) and model not in models.MODELS:
@@ -215,6 +221,7 @@ class Run:
         self.defense_cls = config.pop("defense")
         for key, value in config.items():
             setattr(self, key, value)
+        self.train_args = {"defense": self.defense_cls, **config}  # TensorBoard's hparams
         self.summaries = tensorboard_lib.AdversarialSummaries()  # gin: AdversarialSummaries.*
         self.history = {}
         self.train_seconds = 0.0
@@ -323,6 +330,9 @@ class Run:
                     raise UserError(f"--extend needs train.epochs above the finished run's "
                                     f"{done}; got {self.epochs}.")
                 aside = rundir.move_aside(d, rundir.FINISHED_OUTPUTS)
+                # Its HParams session (start, final metrics) too: the extended run starts anew.
+                tensorboard_lib.move_session(rundir.path(d, rundir.TENSORBOARD),
+                                             rundir.path(aside, rundir.TENSORBOARD))
                 print(f"tfadv: extending the finished run of {done} epochs to {self.epochs}; "
                       f"its report and models are kept in {aside}")
             info["bindings"] = bindings
@@ -356,6 +366,11 @@ class Run:
         rundir.atomic_write_text(rundir.path(self.out_dir, rundir.CONFIG), config_text)
         self.log_dir = rundir.path(self.out_dir, rundir.TENSORBOARD)
         _write_config_summary(self.log_dir, config_text)
+        self.session = tensorboard_lib.HParamsSession(self.log_dir)
+        self.session.start(
+            tensorboard_lib.run_hparams(gin.config_str(), self.defense_cls, self.train_args,
+                                        self.data, exclude=RESUME_NEUTRAL),
+            tensorboard_lib.session_metrics([m.name for m in self.defense.metrics]))
 
     def _protect_best(self):
         best = self.early_stopping.state["best_epoch"] if self.early_stopping else None
@@ -380,8 +395,11 @@ class Run:
         # Early stopping first, so an epoch's best model is on disk before its checkpoint is.
         every = [self.early_stopping] if self.early_stopping is not None else []
         every += [*self.callbacks, *([self.summaries] if self.summaries.every_n_epochs else []),
-                  ckpt.FiniteGuard(self.learning_rate, self.saver), self.saver,
-                  keras.callbacks.TensorBoard(log_dir=self.log_dir, write_graph=False)]
+                  ckpt.FiniteGuard(self.learning_rate, self.saver),
+                  # Scalars before the checkpoint: a kill between the two then repeats an
+                  # epoch's scalars on resume instead of losing them.
+                  tensorboard_lib.EpochScalars(log_dir=self.log_dir, write_graph=False),
+                  self.saver]
         self.defense.fit(
             self.data.training.epochs(self.initial_epoch, self.epochs),
             steps_per_epoch=self.steps_per_epoch, validation_data=self.data.validation,
@@ -418,7 +436,6 @@ class Run:
         result = evaluation.evaluate(self.base_model, self.data.test, attacks=self.eval_attacks,
                                      output_dir=out, verbose=1 if self.verbose else 0,
                                      strategy=self.strat)
-        self.summaries.write_robustness_curve(result)
         report = {
             "dataset": self.data.name,
             "split": "test",
@@ -444,6 +461,7 @@ class Run:
         if certified:  # certified defenses (IBP)
             report.update(certified)
             print(f"tfadv: certified {certified}")
+        self.session.finish(report, plot=rundir.path(out, "robustness_curve.png"))
         # report.json last: its presence marks the run finished (tfadv.rundir).
         rundir.atomic_write_json(rundir.path(out, rundir.REPORT), report)
         print(evaluation.format_table(result))
