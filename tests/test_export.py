@@ -1,5 +1,6 @@
 """tfadv.export and bin/export: the TF Serving SavedModel, read back by every loader there is."""
 
+import io
 import json
 import os
 import re
@@ -68,13 +69,30 @@ def exported(trained_digits_model, tmp_path_factory):
 # (the first test below requests them), and run while the in-process tests do; the tests at the
 # end of the file check their results.
 FRESH = """
-import runpy, sys, numpy as np, tensorflow as tf
-version_dir, images, outputs, evaluate = sys.argv[1:5]
-serve = tf.saved_model.load(version_dir).signatures["serving_default"]
-out = serve(images=tf.constant(np.load(images)))
-np.savez(outputs, **{k: v.numpy() for k, v in out.items()})
-# bin/evaluate on the export, in this same fresh process (one TensorFlow import for both).
-sys.argv = [evaluate, *sys.argv[5:]]
+import glob, json, os, runpy, sys, numpy as np, tensorflow as tf
+version_dir, work, evaluate = sys.argv[1:4]
+signatures = tf.saved_model.load(version_dir).signatures
+def run(key, **inputs):
+    return {k: v.numpy() for k, v in signatures[key](**inputs).items()}
+x, u = np.load(os.path.join(work, "x.npy")), np.load(os.path.join(work, "u.npy"))
+pngs = [open(f, "rb").read() for f in sorted(glob.glob(os.path.join(work, "png", "*.png")))]
+outputs = {"float": run("serving_default", images=tf.constant(x)),
+           "float_of_u": run("serving_default", images=tf.constant(np.load(
+               os.path.join(work, "u_over_255.npy")))),
+           "uint8": run("serving_uint8", images=tf.constant(u)),
+           "png": run("serving_image_bytes", image_bytes=tf.constant(pngs))}
+np.savez(os.path.join(work, "fresh.npz"),
+         **{f"{case}.{k}": v for case, out in outputs.items() for k, v in out.items()})
+refused = {}
+for case, images in np.load(os.path.join(work, "misuse.npz")).items():
+    try:
+        refused[case] = {"predicted": run("serving_default", images=tf.constant(images))[
+            "classes"].tolist()}
+    except Exception as err:  # noqa: BLE001  (the test names the expected class)
+        refused[case] = {"error": type(err).__name__, "message": str(err)}
+json.dump(refused, open(os.path.join(work, "refused.json"), "w"))
+# bin/evaluate on the export, in this same fresh process (one TensorFlow import for all).
+sys.argv = [evaluate, *sys.argv[4:]]
 try:
     runpy.run_path(evaluate, run_name="__main__")
 except SystemExit as exit:
@@ -83,25 +101,62 @@ except SystemExit as exit:
 """
 
 
+def _misuse(x):
+    """Float images that serving_default must refuse, each a batch of valid images but for one
+    value or the shape: ``{case: float32 array}``."""
+    nan, scale = x[:4].copy(), x[:4].copy()
+    nan[2, 3, 4, 0] = np.nan  # one NaN in a batch of four
+    scale[1, 0, 0, 0] = 255.0  # one pixel on the 0..255 scale
+    return {"nan": nan, "inf": np.where(x[:2] > 0.5, np.inf, x[:2]).astype("float32"),
+            "255": scale, "0..255": np.round(x[:4] * 255.0),  # the whole batch misscaled
+            "negative": x[:4] - 0.5,
+            "wrong_size": np.zeros((2, 16, 16, 1), "float32"),
+            "wrong_channels": np.zeros((2, 8, 8, 3), "float32"),
+            "no_batch": x[0]}
+
+
+def _literal(array):
+    """``array`` as a Python literal (saved_model_cli's --input_exprs evaluates literals only)."""
+    return repr(array.tolist())
+
+
 @pytest.fixture(scope="module")
-def processes(exported, trained_digits_model, test_images, tmp_path_factory):
-    """Starts saved_model_cli show and run, a fresh tf.saved_model.load followed by bin/evaluate
-    on the export, and bin/export on a model_dir; yields ``(Popen dict, work directory)``."""
+def pixels():
+    """Random uint8 digits-shaped images; the first two hold 0..63 and 192..255 for certain."""
+    u = np.random.RandomState(5).randint(0, 256, (16, 8, 8, 1)).astype("uint8")
+    u[0, :, :, 0] = np.arange(64).reshape(8, 8)  # the extremes and a ramp, for certain
+    u[1, :, :, 0] = 255 - np.arange(64).reshape(8, 8)
+    return u
+
+
+@pytest.fixture(scope="module")
+def processes(exported, trained_digits_model, test_images, pixels, tmp_path_factory):
+    """Starts saved_model_cli show and run (serving_uint8), a fresh tf.saved_model.load of
+    every signature followed by bin/evaluate on the export, and bin/export on a model_dir;
+    yields ``(Popen dict, work directory)``."""
+    from PIL import Image  # an encoder independent of TensorFlow's
+
     x, _ = test_images
     work = tmp_path_factory.mktemp("fresh")
     np.save(work / "x.npy", x)
+    np.save(work / "u.npy", pixels)
+    np.save(work / "u_over_255.npy", pixels.astype("float32") / np.float32(255.0))
+    np.savez(work / "misuse.npz", **_misuse(x))
+    (work / "png").mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[:, :, 0]).save(work / "png" / f"{i:03d}.png")
     (work / "run").mkdir()
     trained_digits_model.save(work / "run" / "model.keras")
-    few = x[:4]  # saved_model_cli's --input_exprs takes a Python literal
-    literal = repr([[[[float(v) for v in px] for px in row] for row in image] for image in few])
-    which = ["--dir", exported, "--tag_set", "serve", "--signature_def", "serving_default"]
+    which = ["--dir", exported, "--tag_set", "serve", "--signature_def"]
     procs = {
-        "show": _start([SAVED_MODEL_CLI, "show", *which]),
-        "run": _start([SAVED_MODEL_CLI, "run", *which, "--input_exprs", f"images={literal}",
-                       "--outdir", str(work / "cli")]),
-        "fresh": _start([sys.executable, "-c", FRESH, exported, str(work / "x.npy"),
-                         str(work / "fresh.npz"), os.path.join(ROOT, "bin", "evaluate"),
-                         f"--model={exported}", "--attacks=fgsm", "--sanity=false",
+        "show": _start([SAVED_MODEL_CLI, "show", "--dir", exported, "--all"]),
+        # One run, of serving_uint8 (each saved_model_cli costs a TensorFlow import); the
+        # session path of every signature is also checked by every export (`_verify`).
+        "run": _start([SAVED_MODEL_CLI, "run", *which, "serving_uint8", "--input_exprs",
+                       f"images={_literal(pixels[:4])}", "--outdir", str(work / "cli")]),
+        "fresh": _start([sys.executable, "-c", FRESH, exported, str(work),
+                         os.path.join(ROOT, "bin", "evaluate"),
+                         f"--model={exported}", "--eps=0.3", "--attacks=fgsm", "--sanity=false",
                          "--max_examples=20", f"--output_dir={work / 'eval'}"]),
         "export": _start([sys.executable, os.path.join(ROOT, "bin", "export"),
                           f"--model={work / 'run'}"]),
@@ -114,19 +169,35 @@ def processes(exported, trained_digits_model, test_images, tmp_path_factory):
 
 
 @pytest.mark.usefixtures("processes")  # start the fresh processes now (checked at the end)
-def test_signature_and_metadata(exported, trained_digits_model):
+def test_signatures_and_metadata(exported, trained_digits_model):
+    outputs = {"classes": {"dtype": "int64", "shape": [None]},
+               "logits": {"dtype": "float32", "shape": [None, 10]},
+               "probabilities": {"dtype": "float32", "shape": [None, 10]}}
     info = export.signature_info(exported)
-    assert info == {
-        "method_name": "tensorflow/serving/predict",
-        "inputs": {"images": {"dtype": "float32", "shape": [None, 8, 8, 1]}},
-        "outputs": {"classes": {"dtype": "int64", "shape": [None]},
-                    "logits": {"dtype": "float32", "shape": [None, 10]},
-                    "probabilities": {"dtype": "float32", "shape": [None, 10]}}}
-    assert "inputs['images']: float32 (-1, 8, 8, 1)" in export.format_signature(info)
+    assert list(info) == ["serving_default", "serving_image_bytes", "serving_uint8"]
+    assert info == {key: {"method_name": "tensorflow/serving/predict", "inputs": inputs,
+                          "outputs": outputs} for key, inputs in [
+        ("serving_default", {"images": {"dtype": "float32", "shape": [None, 8, 8, 1]}}),
+        ("serving_image_bytes", {"image_bytes": {"dtype": "string", "shape": [None]}}),
+        ("serving_uint8", {"images": {"dtype": "uint8", "shape": [None, 8, 8, 1]}})]}
+    text = export.format_signature(info)
+    for line in ["signature_def['serving_default'] (method tensorflow/serving/predict):",
+                 "  inputs['images']: float32 (-1, 8, 8, 1)  # pixel / 255 in [0, 1]",
+                 "signature_def['serving_uint8'] (method tensorflow/serving/predict):",
+                 "  inputs['images']: uint8 (-1, 8, 8, 1)  # pixels 0..255",
+                 "signature_def['serving_image_bytes'] (method tensorflow/serving/predict):",
+                 "  inputs['image_bytes']: string (-1)  # PNG or JPEG"]:
+        assert line in text, (line, text)
+    assert text.count("outputs['probabilities']: float32 (-1, 10)") == 3
     meta = json.loads(open(os.path.join(exported, "assets.extra", "export.json")).read())
     assert meta["num_classes"] == 10 and meta["version"] == 1
-    assert meta["inputs"]["images"] == {"dtype": "float32", "shape": [None, 8, 8, 1],
-                                        "range": [0.0, 1.0]}
+    assert list(meta["signatures"]) == ["serving_default", "serving_uint8",
+                                        "serving_image_bytes"]
+    assert meta["signatures"]["serving_default"]["inputs"]["images"]["range"] == [0.0, 1.0]
+    assert meta["signatures"]["serving_uint8"]["inputs"]["images"]["dtype"] == "uint8"
+    assert "8 x 8 pixels" in meta["signatures"]["serving_image_bytes"]["inputs"][
+        "image_bytes"]["format"]
+    assert meta["outputs"] == {k: outputs[k] for k in ("logits", "probabilities", "classes")}
     assert meta["weight_bytes"] == export.weight_bytes(trained_digits_model)
     assert meta["tensorflow_version"] == tf.__version__ and meta["model"] == "digits_cnn"
 
@@ -173,6 +244,98 @@ def test_mmc_and_he_export_their_decision_function(build, test_images, tmp_path)
     else:  # s * cos(theta_k)
         assert np.all(np.abs(got["logits"]) <= 15.0 + 1e-4)
     assert len(np.unique(want["classes"])) > 1  # a real comparison, not a constant
+
+
+# --- the three encodings, and misuse --------------------------------------------------------------
+def _encode(image, fmt, **kwargs):
+    """One uint8 (H, W, C) image as a PNG or JPEG file's bytes, written by Pillow."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image).save(
+        buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _refusal(call):
+    """The InvalidArgumentError message of ``call()``; fails the test if it predicts."""
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        call()
+    return err.value.message
+
+
+def test_image_bytes_jpeg_sizes_and_garbage(exported):
+    signatures = tf.saved_model.load(exported).signatures
+    serve, from_bytes = signatures["serving_default"], signatures["serving_image_bytes"]
+    # A JPEG of flat grey decodes to that grey exactly (only the DC coefficient), and an RGB
+    # file is converted to the model's one channel.
+    gray = np.full((8, 8, 1), 200, np.uint8)
+    files = [_encode(gray, "JPEG", quality=95), _encode(np.repeat(gray, 3, -1), "PNG")]
+    got = from_bytes(image_bytes=tf.constant(files))
+    want = serve(images=tf.constant(np.stack([gray, gray]).astype("float32") / 255.0))
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    assert got["classes"].shape == (2,)
+    # An image of another size is refused, not resized; so is a file that is no image.
+    message = _refusal(lambda: from_bytes(image_bytes=tf.constant(
+        [files[0], _encode(np.zeros((16, 8, 1), np.uint8), "PNG")])))
+    assert re.search(r"has height\] \[16\] \[and width\] \[8\] \[but the model takes 8 x 8 "
+                     r"pixels; images are not resized", message), message
+    message = _refusal(lambda: from_bytes(image_bytes=tf.constant([b"not an image"])))
+    assert "Unknown image file format" in message
+    empty = from_bytes(image_bytes=tf.constant([], tf.string))
+    assert empty["logits"].shape == (0, 10) and empty["classes"].shape == (0,)
+
+
+def test_classify_unchecked_takes_any_float_images(exported, trained_digits_model,
+                                                   test_images):
+    # Library code (randomized smoothing) feeds noisy images outside [0, 1]: the SavedModel's
+    # classify_unchecked, not a signature, takes them (the endpoint rundir.load_classifier
+    # should use); serving_default refuses them.
+    x, _ = test_images
+    noisy = x[:8] + np.random.RandomState(0).normal(0, 0.5, x[:8].shape).astype("float32")
+    want = _keras_outputs(trained_digits_model, noisy)
+    loaded = tf.saved_model.load(exported)
+    got = {k: v.numpy() for k, v in loaded.classify_unchecked(tf.constant(noisy)).items()}
+    _assert_matches(got, want)
+    assert "classify_unchecked" not in loaded.signatures
+    message = _refusal(lambda: loaded.signatures["serving_default"](images=noisy))
+    assert "must be float32 pixel values in [0, 1]" in message
+    layer = keras.layers.TFSMLayer(exported, call_endpoint="classify_unchecked")
+    images = tf.constant(noisy)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        logits = layer(images)["logits"]
+        first = logits[:, 0]
+    np.testing.assert_allclose(logits.numpy(), want["logits"], rtol=1e-5, atol=1e-5)
+    assert np.abs(tape.gradient(first, images).numpy()).max() > 0  # attacks can run on it
+
+
+def test_rgb_and_two_channel_models(tmp_path):
+    keras.utils.set_random_seed(4)
+
+    def model(channels):
+        return keras.Sequential([keras.Input((6, 5, channels)), keras.layers.Conv2D(3, 3),
+                                 keras.layers.Flatten(), keras.layers.Dense(4)])
+
+    rgb = model(3)
+    path = export.export_saved_model(rgb, tmp_path / "rgb")  # verified: every signature
+    pixels = np.random.RandomState(1).randint(0, 256, (3, 6, 5, 3)).astype("uint8")
+    got = tf.saved_model.load(path).signatures["serving_image_bytes"](
+        image_bytes=tf.constant([_encode(image, "PNG") for image in pixels]))
+    want = np.asarray(rgb(pixels.astype("float32") / np.float32(255.0)))
+    np.testing.assert_allclose(got["logits"].numpy(), want, rtol=1e-5, atol=1e-6)
+    # Image files decode to 1, 3 or 4 channels: a 2-channel model has no bytes signature.
+    path = export.export_saved_model(model(2), tmp_path / "two", verify=False)
+    assert list(export.signature_info(path)) == ["serving_default", "serving_uint8"]
+
+
+def test_an_export_that_does_not_refuse_misuse_is_not_published(trained_digits_model,
+                                                                tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "_checked_unit_images", lambda images, shape: images)
+    with pytest.raises(RuntimeError, match="reloaded by tf.saved_model.load, predicts for "
+                                           "0..255 float images in serving_default"):
+        export.export_saved_model(trained_digits_model, tmp_path / "unchecked")
+    assert not (tmp_path / "unchecked").exists()
 
 
 # --- layout, versions, errors ----------------------------------------------------------------
@@ -285,21 +448,29 @@ def test_train_rejects_a_bad_export_dir_before_any_work():
 
 
 # --- a TF Serving gRPC client (tensorflow-serving-api) -----------------------------------------
-def test_grpc_predict_request_matches_the_signature(exported, trained_digits_model,
-                                                    test_images):
+@pytest.mark.parametrize("key", ["serving_default", "serving_uint8", "serving_image_bytes"])
+def test_grpc_predict_request_matches_the_signature(exported, trained_digits_model, pixels,
+                                                    key):
     predict_pb2 = pytest.importorskip(
         "tensorflow_serving.apis.predict_pb2",
         reason="tensorflow-serving-api is not installed (pip install "
                "tensorflow-serving-api==2.21.0; it does not change the TensorFlow version)")
-    x, _ = test_images
+    u = pixels[:8]
+    x = u.astype("float32") / np.float32(255.0)
     # The request of BUILD.md's client, without the channel (no TF Serving server here).
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "digits"
-    request.model_spec.signature_name = "serving_default"
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(x[:8], dtype=tf.float32))
+    request.model_spec.signature_name = key
+    if key == "serving_default":
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(x, dtype=tf.float32))
+    elif key == "serving_uint8":
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(u, dtype=tf.uint8))
+    else:
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(
+            [_encode(image, "PNG") for image in u], dtype=tf.string))
     request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
 
-    info = export.signature_info(exported, request.model_spec.signature_name)
+    info = export.signature_info(exported)[request.model_spec.signature_name]
     assert set(request.inputs) == set(info["inputs"])
     for name, tensor in request.inputs.items():
         assert tf.as_dtype(tensor.dtype).name == info["inputs"][name]["dtype"]
@@ -308,41 +479,103 @@ def test_grpc_predict_request_matches_the_signature(exported, trained_digits_mod
     inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
     signature = tf.saved_model.load(exported).signatures[request.model_spec.signature_name]
     got = {k: v.numpy() for k, v in signature(**inputs).items()}
-    _assert_matches(got, _keras_outputs(trained_digits_model, x[:8]))
+    _assert_matches(got, _keras_outputs(trained_digits_model, x))
 
 
 # --- the fresh processes started by `processes` ------------------------------------------------
+def _fresh_outputs(work, case):
+    fresh = np.load(work / "fresh.npz")
+    return {k: fresh[f"{case}.{k}"] for k in ("logits", "probabilities", "classes")}
+
+
 def test_fresh_tf_saved_model_load_reproduces_the_keras_model(processes, trained_digits_model,
                                                               test_images):
     procs, work = processes
     _finish(procs["fresh"])
-    _assert_matches(dict(np.load(work / "fresh.npz")),
+    _assert_matches(_fresh_outputs(work, "float"),
                     _keras_outputs(trained_digits_model, test_images[0]))
 
 
-def test_saved_model_cli_run_reproduces_the_keras_model(processes, trained_digits_model,
-                                                        test_images):
-    # saved_model_cli run restores the variables into a TF1 session, as TF Serving does.
+def test_fresh_uint8_and_png_equal_the_float_signature(processes, trained_digits_model,
+                                                       pixels):
+    # serving_uint8(u) == serving_default(u / 255) == serving_image_bytes(PNG(u)), bit for bit:
+    # the same pixels reach the same graph (u / 255 is a table of float32(k) / 255).
+    procs, work = processes
+    _finish(procs["fresh"])
+    want = _fresh_outputs(work, "float_of_u")
+    for case in ("uint8", "png"):
+        got = _fresh_outputs(work, case)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{case} {k}")
+    _assert_matches(want, _keras_outputs(
+        trained_digits_model, pixels.astype("float32") / np.float32(255.0)))
+    assert len(np.unique(want["classes"])) > 1
+
+
+# What serving_default says to each misuse of _misuse (TF Serving: HTTP 400 {"error": ...}).
+REFUSALS = {
+    "nan": r"must be finite float32 pixel values in \[0, 1\]; NaN or Inf values in this "
+           r"request:\] \[1\]",
+    "inf": r"NaN or Inf values in this request:\] \[\d+\]",
+    "255": r"must be float32 pixel values in \[0, 1\] \(pixel / 255\); for 0..255 integers use "
+           r"the signature serving_uint8.*This request has min\] \[0\] \[max\] \[255\]",
+    "0..255": r"This request has min\] \[0\] \[max\] \[255\]",
+    "negative": r"This request has min\] \[-0.5\] \[max\] \[0.5\]",
+    "wrong_size": r"\[2,16,16,1\] is not compatible with expected shape \[\?,8,8,1\]",
+    "wrong_channels": r"\[2,8,8,3\] is not compatible with expected shape \[\?,8,8,1\]",
+    "no_batch": r"\[8,8,1\] is not compatible with expected shape \[\?,8,8,1\]",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_fresh_float_signature_refuses_misuse(processes, case):
+    procs, work = processes
+    _finish(procs["fresh"])
+    refused = json.loads((work / "refused.json").read_text())[case]
+    assert refused.get("error") == "InvalidArgumentError", refused  # never a prediction
+    assert re.search(REFUSALS[case], refused["message"]), refused["message"]
+
+
+def test_saved_model_cli_run_uint8_reproduces_the_keras_model(processes, trained_digits_model,
+                                                              pixels):
+    # saved_model_cli run restores the variables into a TF1 session, as TF Serving does; its
+    # --input_exprs literal is a list of ints, fed to the uint8 input.
     procs, work = processes
     out = _finish(procs["run"])
-    want = _keras_outputs(trained_digits_model, test_images[0][:4])
+    want = _keras_outputs(trained_digits_model,
+                          pixels[:4].astype("float32") / np.float32(255.0))
     printed = re.search(r"Result for output key classes:\n\[([\d\s]+)\]", out)
     assert printed, out[-2000:]
     np.testing.assert_array_equal([int(c) for c in printed.group(1).split()], want["classes"])
     _assert_matches({k: np.load(work / "cli" / f"{k}.npy") for k in want}, want)
 
 
-def test_saved_model_cli_show_lists_the_named_signature(processes):
-    show = _finish(processes[0]["show"])
-    for pattern in [r"inputs\['images'\] tensor_info:\s+dtype: DT_FLOAT\s+"
-                    r"shape: \(-1, 8, 8, 1\)",
-                    r"outputs\['logits'\] tensor_info:\s+dtype: DT_FLOAT\s+shape: \(-1, 10\)",
-                    r"outputs\['probabilities'\] tensor_info:\s+dtype: DT_FLOAT\s+"
-                    r"shape: \(-1, 10\)",
-                    r"outputs\['classes'\] tensor_info:\s+dtype: DT_INT64\s+shape: \(-1\)",
-                    r"Method name is: tensorflow/serving/predict"]:
-        assert re.search(pattern, show), (pattern, show)
-    assert len(re.findall(r"inputs\['", show)) == 1 and len(re.findall(r"outputs\['", show)) == 3
+def _show_blocks(show):
+    """saved_model_cli show --all's text, split per signature: ``{key: text}``."""
+    parts = re.split(r"signature_def\['([^']+)'\]:", show.split("Concrete Functions:")[0])
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_saved_model_cli_show_lists_the_three_signatures(processes):
+    blocks = _show_blocks(_finish(processes[0]["show"]))
+    assert set(blocks) - {"__saved_model_init_op"} == {
+        "serving_default", "serving_uint8", "serving_image_bytes"}, list(blocks)
+    inputs = {"serving_default": r"inputs\['images'\] tensor_info:\s+dtype: DT_FLOAT\s+"
+                                 r"shape: \(-1, 8, 8, 1\)",
+              "serving_uint8": r"inputs\['images'\] tensor_info:\s+dtype: DT_UINT8\s+"
+                               r"shape: \(-1, 8, 8, 1\)",
+              "serving_image_bytes": r"inputs\['image_bytes'\] tensor_info:\s+"
+                                     r"dtype: DT_STRING\s+shape: \(-1\)"}
+    for key, pattern in inputs.items():
+        block = blocks[key]
+        for p in [pattern,
+                  r"outputs\['logits'\] tensor_info:\s+dtype: DT_FLOAT\s+shape: \(-1, 10\)",
+                  r"outputs\['probabilities'\] tensor_info:\s+dtype: DT_FLOAT\s+"
+                  r"shape: \(-1, 10\)",
+                  r"outputs\['classes'\] tensor_info:\s+dtype: DT_INT64\s+shape: \(-1\)",
+                  r"Method name is: tensorflow/serving/predict"]:
+            assert re.search(p, block), (key, p, block)
+        assert block.count("inputs['") == 1 and block.count("outputs['") == 3, block
 
 
 def test_bin_evaluate_on_the_export(processes, trained_digits_model, test_images):
@@ -362,7 +595,11 @@ def test_bin_export_end_to_end(processes):
     model_dir = work / "run"
     version_dir = model_dir / "serving" / "1"
     assert f"tfadv: exported {version_dir}" in out
-    assert "outputs['probabilities']: float32 (-1, 10)" in out
+    for key in ("serving_default", "serving_uint8", "serving_image_bytes"):
+        assert f"signature_def['{key}'] (method tensorflow/serving/predict):" in out
+    assert "inputs['images']: uint8 (-1, 8, 8, 1)" in out
+    assert "inputs['image_bytes']: string (-1)" in out
+    assert out.count("outputs['probabilities']: float32 (-1, 10)") == 3
     meta = json.loads((version_dir / "assets.extra" / "export.json").read_text())
     assert meta["source"] == str(model_dir / "model.keras")
     assert os.listdir(model_dir / "serving") == ["1"]

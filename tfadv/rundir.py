@@ -374,7 +374,12 @@ def load_classifier(model_path, name="model"):
     (input_name, spec), = signature.structured_input_signature[1].items()
     outputs = signature.structured_outputs
     key = "logits" if "logits" in outputs else next(iter(outputs))
-    layer = keras.layers.TFSMLayer(resolved, call_endpoint="serving_default")
+    # tfadv exports also hold the classifier without serving_default's input checks (randomized
+    # smoothing's noise and a normal-start PGD leave [0, 1] on purpose); other SavedModels: the
+    # signature.
+    endpoint = ("classify_unchecked" if hasattr(loaded, "classify_unchecked")
+                else "serving_default")
+    layer = keras.layers.TFSMLayer(resolved, call_endpoint=endpoint)
     inputs = keras.Input(spec.shape[1:], name=input_name)
     out = layer(inputs)
     out = out[key] if isinstance(out, dict) else out
