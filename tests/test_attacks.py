@@ -196,3 +196,39 @@ def test_restarts_are_seeded_and_never_weaker(trained_digits_model, digits):
     assert robust(PGD(restarts=3, **kwargs)) <= robust(one)
     with pytest.raises(ValueError, match="select='last' keeps one run"):
         PGD(restarts=2)
+
+
+def _all_attacks():
+    from tfadv.attacks import APGD, AutoAttack, Square
+
+    return {"fgsm": FGSM(eps=0.1), "pgd": PGD(eps=0.1, step_size=0.05, steps=2),
+            "apgd": APGD(0.1, steps=2), "square": Square(0.1, n_queries=3),
+            "autoattack": AutoAttack(0.1, version="fast")}
+
+
+@pytest.mark.parametrize("name", sorted(_all_attacks()))
+def test_images_outside_the_box_are_refused_not_clipped(name):
+    """0..255 images given to an attack on [0, 1]: one line naming the range found, the range
+    expected and the fix, before any attack step (no trace)."""
+    model = _random_model()
+    attack = _all_attacks()[name]
+    x = np.random.default_rng(0).random((4, 8, 8, 1), dtype=np.float32)
+    y = np.zeros(4, "int64")
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\].*span \[.*, 2..\.?\d*\]"
+                                         r".*x / 255.*input_range=\(0, 255\)") as error:
+        attack(model, 255 * x, y)
+    assert "\n" not in str(error.value)
+    assert getattr(attack, "trace_count", 0) == 0
+    with pytest.raises(ValueError, match=r"span \[-0\.9\d*, 0\.9\d*\].*input_range=\(-1, 1\)"):
+        attack(model, 2 * x - 1, y)
+
+
+def test_range_check_lets_float_rounding_pass():
+    from tfadv.attacks.base import check_image_range
+
+    check_image_range(np.full((2, 3), 1 + 1e-6, "float32"))  # rounding, not a wrong range
+    check_image_range(tf.fill([2, 3], -1e-6))
+    with pytest.raises(ValueError, match=r"span \[0, 1\.001\]"):
+        check_image_range(np.array([0.0, 1.001], "float32"))
+    with pytest.raises(ValueError, match="non-finite"):
+        check_image_range(np.array([0.5, np.nan]))

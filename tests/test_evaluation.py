@@ -1,9 +1,11 @@
 """tfadv.evaluation and bin/evaluate: worst case, sanity checks that fire, artifacts, loading."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 
 import keras
 import matplotlib.image
@@ -154,6 +156,7 @@ def test_bin_evaluate_end_to_end(trained_digits_model, tmp_path):
 BAD_INPUT = [
     (["--eps=-1"], "--eps must be >= 0"),
     (["--attacks=fgsm,boom"], "unknown attack name 'boom'"),
+    ([], "--eps is required: "),  # a .keras file outside a bin/train run: no eps of its own
 ]
 
 
@@ -165,10 +168,6 @@ def start_background(lane, tmp_path_factory):
     needs the session's trained model, so it stays in the foreground), and bin/evaluate on a
     model whose logits are scaled by 1e4 (a saturated softmax: the verdict is unreliable)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    for i, (args, _) in enumerate(BAD_INPUT):
-        model = tmp_path_factory.mktemp(f"bad_input{i}")
-        lane.submit(f"test_evaluation {args}", _evaluate_cmd([f"--model={model}", *args]), 600,
-                    env)
     from tfadv import models
 
     keras.utils.set_random_seed(0)
@@ -176,6 +175,9 @@ def start_background(lane, tmp_path_factory):
     saturated = keras.Model(inputs, keras.layers.Rescaling(1e4)(models.digits_cnn()(inputs)))
     path = tmp_path_factory.mktemp("saturated") / "saturated.keras"
     saturated.save(path)
+    for args, _ in BAD_INPUT:  # on a model outside any bin/train run
+        lane.submit(f"test_evaluation {args}", _evaluate_cmd([f"--model={path}", *args]), 600,
+                    env)
     for extra in ([], ["--allow_unreliable"]):
         out = tmp_path_factory.mktemp("saturated_eval")
         UNRELIABLE[tuple(extra)] = out
@@ -200,7 +202,52 @@ def test_bin_evaluate_exit_status_of_an_unreliable_headline(background_lane, ext
 @pytest.mark.parametrize("args, needle", BAD_INPUT)
 def test_bin_evaluate_rejects_bad_input(background_lane, args, needle):
     proc = background_lane.result(f"test_evaluation {args}")
-    assert proc.returncode != 0 and needle in proc.stderr
+    assert proc.returncode == 2 and needle in proc.stderr
+    if not args:
+        assert "is not in a bin/train model_dir (whose threat model would be the default)" in \
+            proc.stderr and not proc.stdout  # nothing written, not even the output directory
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_lines_on_a_terminal_and_elsewhere():
+    """Not a terminal (a log, bin/train under a scheduler): a plain line per stage and then one
+    every ``interval`` seconds, never a carriage return. A terminal: one line redrawn."""
+    log = _Stream(tty=False)
+    progress = evaluation.Progress(100, stream=log, interval=0.05)
+    progress.set_stage("autoattack")
+    progress.set_detail("apgd-t on 10 examples")
+    time.sleep(0.4)
+    progress.add(50)
+    progress.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and "\033" not in log.getvalue()
+    periodic = [line for line in lines if "autoattack (apgd-t on 10 examples)" in line]
+    assert len(periodic) >= 2, lines
+    assert lines[0].startswith("evaluate [") and lines[-1].startswith("evaluate: done in")
+    terminal = _Stream(tty=True)
+    progress = evaluation.Progress(10, stream=terminal, interval=0.05)
+    progress.set_stage("fgsm")
+    progress.add(5)
+    time.sleep(0.2)
+    progress.close()
+    text = terminal.getvalue()
+    assert text.count("\r") >= 3 and " 50%  fgsm" in text  # redrawn, the clock too
+    assert text.index("\n") > text.rindex("\r") and text.endswith("evaluate: done in 0:00\n")
+
+
+def test_out_of_range_dataset_is_refused(trained_digits_model, digits):
+    scaled = _small_test(digits).map(lambda x, y: (255 * x, y))
+    with pytest.raises(ValueError, match=r"span \[0, 255\].*tfadv.evaluate\(model, x, y, "
+                                         r"\.\.\., input_range=\(0, 255\)\)"):
+        evaluation.evaluate(trained_digits_model, scaled, verbose=0)
 
 
 def test_rescaled_logits_do_not_inflate_the_worst_case(trained_digits_model, digits):

@@ -172,7 +172,8 @@ CASES = [
          E + f"--attacks: unknown attack name 'boom'; known: {ATTACKS}."),
     case("evaluate-unknown-dataset", "evaluate", ["--model={tmp}/empty.keras",
                                                   "--dataset=imagenet"],
-         E + f"--dataset must be one of {DATASETS}; got 'imagenet'."),
+         E + f"--dataset: dataset name must be one of {DATASETS} or your own data as "
+             "'npz:FILE', 'folder:DIR' or 'tfds:NAME'; got 'imagenet'."),
     case("evaluate-zero-byte-keras-file", "evaluate", ["--model={tmp}/empty.keras"],
          E + "{tmp}/empty.keras is not a valid .keras file (truncated or corrupt: not a zip "
              "archive)."),

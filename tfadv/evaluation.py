@@ -35,8 +35,10 @@ it is the headline itself.
 
 Evaluation runs batches in parallel on the devices of a `tf.distribute` strategy (one thread
 per device; the same batches and seeds as on one device, so the same numbers), shows one progress
-bar with ETA over all of it, and, with an ``output_dir``, saves per-example results after every
-batch to ``output_dir/eval_progress/`` so an interrupted evaluation continues where it stopped.
+line with ETA over all of it (`Progress`: the sanity checks, each attack and AutoAttack component,
+the remedies and the curve; redrawn in place on a terminal, one line per stage and every 30 s
+elsewhere), and, with an ``output_dir``, saves per-example results after every batch to
+``output_dir/eval_progress/`` so an interrupted evaluation continues where it stopped.
 
 Artifacts when ``output_dir`` is given: ``eval.json``, ``robustness_curve.png`` (accuracy against
 eps) and ``examples.png`` (clean and adversarial images with predictions).
@@ -64,6 +66,7 @@ from tfadv.rundir import (  # noqa: F401  (load_classifier: re-exported)
     atomic_file, atomic_write_text, check_logits_model, load_classifier, looks_like_probabilities)
 from tfadv.attacks import PGD, parse_norm
 from tfadv.attacks.autoattack import AutoAttack
+from tfadv.attacks.base import check_image_range
 from tfadv.attacks.pgd import norm_name
 
 CURVE_FRACTIONS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -139,19 +142,30 @@ def _duration(seconds):
 
 
 class Progress:
-    """One progress bar with ETA over a whole evaluation (every attack, remedy and curve point),
-    counted in examples. On a terminal it redraws one line; otherwise it prints one line per
-    stage (no escape codes in log files)."""
+    """One progress line with ETA over a whole evaluation (the sanity checks, every attack and
+    AutoAttack component, the remedies and the robustness curve), counted in examples.
 
-    def __init__(self, total, verbose=1, stream=None):
+    On a terminal it redraws one line in place (carriage return), at least every second so the
+    elapsed time and ETA move during a long batch. Elsewhere (a log file, a pipe, bin/train's
+    output under a scheduler) it prints one plain line when a stage starts and then one every
+    ``interval`` seconds while the stage runs, so a long AutoAttack still shows it is alive,
+    without escape codes. ``verbose=0`` prints nothing. Use it as a context manager (or call
+    `close`): leaving it stops the periodic lines."""
+
+    def __init__(self, total, verbose=1, stream=None, interval=30.0):
         self.total = max(int(total), 1)
         self.done = 0
         self.verbose = verbose
         self.stream = stream or sys.stdout
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = float(interval)
         self.start = time.perf_counter()
         self.stage = ""
+        self.detail = ""
         self._lock = threading.Lock()
+        self._printed = self.start
+        self._stop = threading.Event()
+        self._thread = None
 
     def _eta(self):
         elapsed = time.perf_counter() - self.start
@@ -162,17 +176,42 @@ class Progress:
         elapsed, eta = self._eta()
         fraction = self.done / self.total
         bar = "=" * int(24 * fraction)
-        return (f"evaluate [{bar:<24}] {100 * fraction:3.0f}%  {self.stage}  "
+        stage = f"{self.stage} ({self.detail})" if self.detail else self.stage
+        return (f"evaluate [{bar:<24}] {100 * fraction:3.0f}%  {stage}  "
                 f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
 
-    def set_stage(self, stage):
+    def _print_line(self):
+        print(self._line(), file=self.stream, flush=True)
+        self._printed = time.perf_counter()
+
+    def set_total(self, total):
+        """Changes the number of examples the whole evaluation counts (e.g. once the sanity
+        checks have chosen the remedies)."""
         with self._lock:
-            self.stage = stage
+            self.total = max(int(total), self.done, 1)
+            self._draw()
+
+    def set_stage(self, stage):
+        """Starts a stage (an attack, a remedy, a curve point, the sanity checks)."""
+        with self._lock:
+            self.stage, self.detail = stage, ""
             if self.verbose and not self.tty:
-                print(self._line(), file=self.stream, flush=True)
+                self._print_line()
+            if self.verbose and self._thread is None:
+                self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                                name="evaluate-progress")
+                self._thread.start()
+            self._draw()
+
+    def set_detail(self, detail):
+        """What runs inside the stage right now (e.g. an AutoAttack component); shown on the
+        terminal line and in the next periodic line."""
+        with self._lock:
+            self.detail = detail
             self._draw()
 
     def add(self, count):
+        """Counts ``count`` more examples as done."""
         with self._lock:
             self.done = min(self.done + int(count), self.total)
             self._draw()
@@ -182,11 +221,31 @@ class Progress:
             self.stream.write("\r" + self._line() + "\033[K")
             self.stream.flush()
 
-    def close(self):
+    def _heartbeat(self):
+        while not self._stop.wait(min(self.interval, 1.0)):
+            with self._lock:
+                if self.tty:
+                    self._draw()
+                elif time.perf_counter() - self._printed >= self.interval:
+                    self._print_line()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(finished=exc_type is None)
+
+    def close(self, finished=True):
+        """Stops the periodic lines and, for a finished evaluation, prints the total time."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         if self.verbose:
             elapsed = time.perf_counter() - self.start
-            end = "\n" if self.tty else ""
-            print(f"{end}evaluate: done in {_duration(elapsed)}", file=self.stream, flush=True)
+            if self.tty:
+                self.stream.write("\n")
+            if finished:
+                print(f"evaluate: done in {_duration(elapsed)}", file=self.stream, flush=True)
 
 
 def _fingerprint(model, x, y, seed):
@@ -272,22 +331,25 @@ class _Runner:
         x, y = self.batches[index]
         with tf.device(device) if device else contextlib.nullcontext():
             if hasattr(attack, "run"):  # AutoAttack: per-batch stats, safe in parallel
-                x_adv, stats = attack.run(attack_model, x, y)
+                x_adv, stats = attack.run(
+                    attack_model, x, y, on_component=lambda component, remaining:
+                    self.progress.set_detail(f"{component} on {remaining} examples"))
             else:
                 x_adv, stats = np.asarray(attack(attack_model, x, y)), {}
             correct = np.argmax(np.asarray(self.predict(x_adv)), -1) == y
         return correct, dict(stats), (np.asarray(x_adv[:8]) if index == 0 else None)
 
-    def run(self, name, attack, model, attack_model=None):
+    def run(self, name, attack, model, attack_model=None, stage=None):
         """Returns ``(correct, stats, first)``: per-example correctness on ``model`` of the
         points ``attack`` found on ``attack_model`` (default ``model``), the summed stats of an
-        ensemble, and the first batch's first 8 adversarial images."""
+        ensemble, and the first batch's first 8 adversarial images. ``name`` keys the saved
+        per-example results; ``stage`` (default ``name``) is what the progress line shows."""
         attack_model = model if attack_model is None else attack_model
         key = _ProgressStore.key(name, attack)
         done, first = self.store.load(key) if self.store else ({}, None)
         done = {i: v for i, v in done.items() if i < len(self.batches)
                 and len(v[0]) == len(self.batches[i][1])}
-        self.progress.set_stage(name)
+        self.progress.set_stage(stage or name)
         self.progress.add(sum(len(self.batches[i][1]) for i in done))
         todo = [i for i in range(len(self.batches)) if i not in done]
         if 0 in todo:
@@ -353,6 +415,19 @@ def curve_attack(eps, norm, seed=0, randomised=False):
 def _large_eps(norm, image_shape):
     """An eps at which any image of the box is reachable: 1 (L-inf) or the box diagonal (L2)."""
     return 1.0 if parse_norm(norm) == np.inf else float(np.sqrt(np.prod(image_shape)))
+
+
+def _threat_model(threat_model):
+    """``{'norm': 'linf' | 'l2', 'eps': float}`` from a dict with ``eps`` and ``norm``."""
+    try:
+        eps, norm = threat_model["eps"], threat_model["norm"]
+    except (KeyError, TypeError):
+        raise ValueError(f"threat_model must be a dict with 'eps' and 'norm'; got "
+                         f"{threat_model!r}.") from None
+    from tfadv.checks import check_number
+
+    check_number("threat_model['eps']", eps, 0.0, strict=False)
+    return {"norm": norm_name(norm), "eps": float(eps)}
 
 
 def _threat(attacks):
@@ -589,12 +664,17 @@ def _headline(result, sanity, version):
 @gin.configurable(denylist=["model", "dataset", "output_dir", "strategy"])
 def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", remedies=True,
              curve_fractions=CURVE_FRACTIONS, max_examples=None, output_dir=None, seed=0,
-             verbose=1, strategy=None, resume=True, square_queries=10000):
+             verbose=1, strategy=None, resume=True, square_queries=10000, threat_model=None):
     """Evaluates ``model`` (images in [0, 1] -> logits) on a batched ``dataset`` of (x, y).
+
+    ``dataset`` is anything that yields ``(images, integer labels)`` batches (a `tf.data`
+    dataset, a list of NumPy pairs); images outside [0, 1] raise a ValueError (for other
+    ranges, `tfadv.evaluate` with ``input_range``). The Python API `tfadv.evaluate` (one call on
+    arrays, paths, one-hot labels, any input range) calls this function.
 
     Args:
       attacks: dict ``name -> attack``, each called as ``attack(model, x, y)``; the first with
-        ``eps`` and ``norm`` sets the threat model.
+        ``eps`` and ``norm`` sets the threat model, unless ``threat_model`` is given.
       sanity: run the sanity checks, the remedies and the robustness curve.
       autoattack: the AutoAttack added to ``attacks`` for the headline when none is there:
         ``'standard'`` (default), ``'fast'`` (labelled as such everywhere) or ``None`` (no
@@ -613,6 +693,9 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
         evaluation of the same weights, data and seed.
       square_queries: query budget of the Square remedy for masked gradients (AutoAttack's own
         Square has 5,000).
+      threat_model: ``{'eps': ..., 'norm': 'linf' | 'l2'}`` of the added AutoAttack, the
+        remedies and the robustness curve; default: that of the first attack with ``eps`` and
+        ``norm``. Given, the headline holds AutoAttack even when ``attacks`` is empty.
 
     Returns:
       dict with ``headline`` (``accuracy``, ``verdict``, ``reliable``, ``autoattack``,
@@ -646,75 +729,83 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
             "activation=None on its last layer).")
     x_all = np.concatenate([b[0] for b in batches])
     y_all = np.concatenate([b[1] for b in batches])
+    check_image_range(x_all, 0.0, 1.0, "evaluate: dataset", api="evaluate")
     n = len(y_all)
-    threat = _threat(attacks)
+    threat = _threat_model(threat_model) if threat_model else _threat(attacks)
     if autoattack and threat and not any(isinstance(a, AutoAttack) for a in attacks.values()):
         name = "autoattack" if autoattack == "standard" else "autoattack-fast"
         attacks[name] = AutoAttack(threat["eps"], norm=threat["norm"], version=autoattack,
                                    seed=seed)
-
-    checks = model_checks(model, *batches[0]) if sanity else []
-    randomised = any(c["name"] == "deterministic" and c["passed"] is False for c in checks)
-    if randomised:
-        predict = _majority_vote(predict)
-    start = time.perf_counter()
-    clean_logits = np.concatenate([np.asarray(predict(x)) for x, _ in batches])
-    clean = np.argmax(clean_logits, -1) == y_all
-    seconds = {"clean": time.perf_counter() - start}
-    extra = (_remedies(model, checks, threat, batches[0][0], seed, square_queries,
-                       _autoattack_version(attacks))
-             if sanity and remedies and threat else {})
     grid = []
     if sanity and threat:
         grid = [f * threat["eps"] for f in curve_fractions] + [
             _large_eps(threat["norm"], image_shape)]
     curve_runs = [e for e in grid if e > 0 and not np.isclose(e, threat["eps"])]
-
-    store = None
-    if output_dir is not None and resume:
-        store = _ProgressStore(os.path.join(output_dir, "eval_progress"),
-                               _fingerprint(model, x_all, y_all, seed))
-    progress = Progress(n * (len(attacks) + len(extra) + len(curve_runs)),
-                        verbose=verbose if (attacks or extra) else 0)
-    runner = _Runner(batches, predict, _devices(strategy), store, progress)
-
-    robust, first_adv, details, remedy_report = {}, {}, {}, []
-    runs = [(name, attack, None, None) for name, attack in attacks.items()]
-    runs += [(name, attack, attack_model, reason)
-             for name, (attack, attack_model, reason) in extra.items()]
-    for name, attack, attack_model, reason in runs:
-        if hasattr(attack, "reset_stats"):
-            attack.reset_stats()
+    with Progress(n * (len(attacks) + len(curve_runs)), verbose=verbose) as progress:
+        if sanity:
+            progress.set_stage("sanity checks")
+        checks = model_checks(model, *batches[0]) if sanity else []
+        randomised = any(c["name"] == "deterministic" and c["passed"] is False for c in checks)
+        if randomised:
+            predict = _majority_vote(predict)
+        progress.set_stage("clean accuracy")
         start = time.perf_counter()
-        correct, stats, first_adv[name] = runner.run(name, attack, model, attack_model)
-        seconds[name] = time.perf_counter() - start
-        robust[name] = correct & clean  # a misclassified clean input is not robust
-        if isinstance(attack, AutoAttack):
-            attack.stats = dict(stats)
-            details[name] = dict(stats)
-        if reason is not None:
-            remedy_report.append({"name": name, "reason": reason, "attack": repr(attack),
-                                  "accuracy": float(robust[name].mean())})
-    worst = clean.copy()
-    for r in robust.values():
-        worst &= r
+        clean_logits = np.concatenate([np.asarray(predict(x)) for x, _ in batches])
+        clean = np.argmax(clean_logits, -1) == y_all
+        seconds = {"clean": time.perf_counter() - start}
+        extra = {}
+        if sanity and remedies and threat:
+            if any(c["passed"] is False for c in checks):
+                progress.set_stage("sanity checks: choosing remedies")
+            extra = _remedies(model, checks, threat, batches[0][0], seed, square_queries,
+                              _autoattack_version(attacks))
+        progress.set_total(n * (len(attacks) + len(extra) + len(curve_runs)))
 
-    curve = []
-    if grid:
-        start = time.perf_counter()
-        for eps in grid:
-            if eps == 0:
-                correct, source = clean, "clean"
-            elif np.isclose(eps, threat["eps"]):
-                correct, source = worst, "headline"
-            else:
-                attack = curve_attack(eps, threat["norm"], seed, randomised)
-                correct, _, _ = runner.run(f"curve eps={eps:g}", attack, model)
-                correct, source = correct & clean, repr(attack)
-            curve.append({"eps": float(eps), "accuracy": float(correct.mean()),
-                          "attack": source})
-        seconds["robustness_curve"] = time.perf_counter() - start
-    progress.close()
+        store = None
+        if output_dir is not None and resume:
+            store = _ProgressStore(os.path.join(output_dir, "eval_progress"),
+                                   _fingerprint(model, x_all, y_all, seed))
+        runner = _Runner(batches, predict, _devices(strategy), store, progress)
+
+        robust, first_adv, details, remedy_report = {}, {}, {}, []
+        runs = [(name, attack, None, None) for name, attack in attacks.items()]
+        runs += [(name, attack, attack_model, reason)
+                 for name, (attack, attack_model, reason) in extra.items()]
+        for name, attack, attack_model, reason in runs:
+            if hasattr(attack, "reset_stats"):
+                attack.reset_stats()
+            start = time.perf_counter()
+            stage = f"remedy {name}" if reason is not None else name
+            correct, stats, first_adv[name] = runner.run(name, attack, model, attack_model,
+                                                         stage=stage)
+            seconds[name] = time.perf_counter() - start
+            robust[name] = correct & clean  # a misclassified clean input is not robust
+            if isinstance(attack, AutoAttack):
+                attack.stats = dict(stats)
+                details[name] = dict(stats)
+            if reason is not None:
+                remedy_report.append({"name": name, "reason": reason, "attack": repr(attack),
+                                      "accuracy": float(robust[name].mean())})
+        worst = clean.copy()
+        for r in robust.values():
+            worst &= r
+
+        curve = []
+        if grid:
+            start = time.perf_counter()
+            for eps in grid:
+                if eps == 0:
+                    correct, source = clean, "clean"
+                elif np.isclose(eps, threat["eps"]):
+                    correct, source = worst, "headline"
+                else:
+                    attack = curve_attack(eps, threat["norm"], seed, randomised)
+                    correct, _, _ = runner.run(f"curve eps={eps:g}", attack, model,
+                                               stage=f"robustness curve eps={eps:g}")
+                    correct, source = correct & clean, repr(attack)
+                curve.append({"eps": float(eps), "accuracy": float(correct.mean()),
+                              "attack": source})
+            seconds["robustness_curve"] = time.perf_counter() - start
     if sanity:
         all_attacks = {**attacks, **{k: v[0] for k, v in extra.items()}}
         checks += attack_checks(robust, all_attacks, curve, n)

@@ -231,6 +231,7 @@ class Run:
 
     # --- 1. strategy and objects ---------------------------------------------------------
     def start_strategy(self):
+        """Creates the distribution strategy (the run's first TensorFlow work) and seeds Keras."""
         # First TF work of the run: a multi-worker strategy must exist before other TF ops.
         self.strat = distribute.get_strategy(self.strategy)
         keras.utils.set_random_seed(self.seed)
@@ -341,6 +342,8 @@ class Run:
 
     # --- 3. restore ----------------------------------------------------------------------
     def restore(self):
+        """Attaches the run callbacks, opens the checkpoint directory and restores the last
+        verified checkpoint with the run's state (history, training time, resumes, callbacks)."""
         for callback in self.run_callbacks:
             callback.attach(self.out_dir, self.base_model, self.data)
         trackables = {"defense": self.defense, "optimizer": self.opt}
@@ -389,6 +392,7 @@ class Run:
 
     # --- 4. fit --------------------------------------------------------------------------
     def fit(self):
+        """Trains from the restored epoch to ``epochs``, one verified checkpoint per epoch."""
         self._fit_start = time.perf_counter()
         if self.initial_epoch >= self.epochs:
             return
@@ -417,7 +421,8 @@ class Run:
             return
         rundir.atomic_save_model(self.base_model, rundir.path(self.out_dir, rundir.MODEL_LAST))
         self.last = evaluation.evaluate(self.base_model, self.data.test,
-                                        attacks=self.eval_attacks, sanity=False, verbose=0,
+                                        attacks=self.eval_attacks, sanity=False,
+                                        verbose=1 if self.verbose else 0,
                                         strategy=self.strat)
         best = es.state["best_epoch"]
         if best in self.saver.epochs():
@@ -429,6 +434,8 @@ class Run:
 
     # --- 6. report -----------------------------------------------------------------------
     def report(self):
+        """Saves the classifier and operative config, runs the final evaluation and writes
+        ``report.json`` last (it marks the run as finished)."""
         out = self.out_dir
         rundir.atomic_save_model(self.base_model, rundir.path(out, rundir.MODEL))
         # The operative config is complete only once every configurable has been called.
@@ -471,6 +478,7 @@ class Run:
 
     # --- 7. export -----------------------------------------------------------------------
     def export(self):
+        """Exports the SavedModel for TF Serving to ``export_dir`` (chief only; none if unset)."""
         if self.export_dir is None or not distribute.is_chief(self.strat):
             return
         exported = export_lib.export_saved_model(

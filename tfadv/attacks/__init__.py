@@ -1,5 +1,8 @@
 """Attacks on image classifiers whose inputs live in [0, 1]. See `tfadv.attacks.base`.
 
+Images outside [0, 1] are refused with a one-line error, never clipped: for 0..255 or other
+ranges, `tfadv.attack(model, x, y, ..., input_range=(0, 255))` maps them (`tfadv.api`).
+
 White-box: FGSM and PGD (`pgd`), MIM (`mim`), CW-L2 (`cw`), APGD-CE / APGD-DLR and APGD-T
 (`apgd`), FAB-T (`fab`). Black-box: Square (`square`). The AutoAttack ensemble (`autoattack`).
 By name: `tfadv.attacks.registry.build_attack`.

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.checks import check_number
+from tfadv.attacks.base import check_image_range
 from tfadv.attacks.pgd import norm_name, parse_norm, project
 
 VERSIONS = ("standard", "rand", "fast")
@@ -79,6 +80,7 @@ class AutoAttack:
         self.reset_stats()
 
     def reset_stats(self):
+        """Sets every component's count of examples it fooled first back to 0."""
         self.stats = {name: 0 for name, _ in self.components}
 
     def __repr__(self):
@@ -92,10 +94,15 @@ class AutoAttack:
             self.stats[name] += count
         return tf.convert_to_tensor(x_adv)
 
-    def run(self, model, x, labels):
+    def run(self, model, x, labels, on_component=None):
         """The cascade on one batch: returns ``(x_adv, stats)`` with ``stats`` the number of
         examples each component fooled first in this batch (``__call__`` accumulates them in
-        ``self.stats``; `tfadv.evaluation` calls this directly, batches in parallel)."""
+        ``self.stats``; `tfadv.evaluation` calls this directly, batches in parallel).
+
+        ``on_component(name, remaining)``, when given, is called before each component runs
+        on the ``remaining`` examples not fooled yet (the evaluation's progress line). Images
+        outside [0, 1] raise a ValueError (`tfadv.attacks.base.check_image_range`)."""
+        check_image_range(x, 0.0, 1.0, "AutoAttack")
         x = np.asarray(x, dtype="float32")
         labels = np.asarray(labels)
         x_adv = x.copy()
@@ -105,6 +112,8 @@ class AutoAttack:
             index = np.flatnonzero(robust)
             if not len(index):
                 break
+            if on_component is not None:
+                on_component(name, len(index))
             out = attack(model, x[index], labels[index])
             out = project(out, x[index], self.eps, self.norm).numpy()
             fooled = np.argmax(np.asarray(model(out, training=False)), -1) != labels[index]

@@ -5,6 +5,12 @@ and the TRUE labels, and returns float32 adversarial images of the same shape, i
 attack's threat model (its eps-ball intersected with the image box), with no gradient attached.
 Where the attack fails on an example it may return any point of the threat model for it.
 
+Images outside [clip_min, clip_max] are refused (`check_image_range`: a one-line ValueError
+naming the range found and the fix), never clipped into the box in silence: 8-bit images
+(0..255) attacked with eps = 8/255 would otherwise be clipped to an almost white image. The check
+is one min and one max per eager call; inside a traced function (a ``train_step``) it is skipped.
+`tfadv.attack` (`tfadv.api`) maps images in any ``input_range`` to [0, 1] and back.
+
 Subclasses implement ``_attack(model, x, labels)`` in graph-compatible TensorFlow. `Attack.__call__`
 compiles it once per (model, input signature) as a `tf.function` whose batch dimension is
 ``None``, so batches of any size reuse one trace; when already inside a traced function (a
@@ -20,14 +26,69 @@ step, so a run resumed from a checkpoint draws exactly what the uninterrupted ru
 """
 
 import contextlib
+import math
 import threading
 
+import numpy as np
 import tensorflow as tf
 
 from tfadv.checks import check_number  # noqa: F401  (re-exported: attacks' argument checks)
 
 
 _STEP = threading.local()
+# Values this far outside the box (relative to its width) still pass `check_image_range`: float
+# rounding of an image scaled into the box, not a wrong range. The projection clips them.
+RANGE_TOLERANCE = 1e-5
+
+
+def suggest_input_range(low, high):
+    """The usual image range that holds values in [low, high]: (0, 1), (0, 255) or (-1, 1), or
+    the integers around them; what an error message proposes as ``input_range``."""
+    for lo, hi in ((0, 1), (0, 255), (-1, 1)):
+        if lo - RANGE_TOLERANCE <= low and high <= hi + RANGE_TOLERANCE:
+            return lo, hi
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return math.floor(low), math.ceil(high)
+
+
+def value_range(x):
+    """``(min, max)`` of an array or eager tensor as floats (one reduction each; NaN when a NumPy
+    array holds NaN), or ``None`` for an empty one."""
+    if isinstance(x, tf.Tensor):
+        if x.shape.num_elements() == 0:
+            return None
+        return float(tf.reduce_min(x)), float(tf.reduce_max(x))
+    x = np.asarray(x)
+    if x.size == 0:
+        return None
+    return float(np.min(x)), float(np.max(x))
+
+
+def check_image_range(x, clip_min=0.0, clip_max=1.0, who="attack", api="attack"):
+    """Raises a one-line ValueError unless every value of the image batch ``x`` lies in
+    ``[clip_min, clip_max]`` (within `RANGE_TOLERANCE` of the box's width); the message names
+    the range found, the range expected and the fix (``tfadv.<api>(..., input_range=...)``).
+    Eager only: one min and one max."""
+    found = value_range(x)
+    if found is None:
+        return
+    low, high = found
+    slack = RANGE_TOLERANCE * (clip_max - clip_min)
+    if clip_min - slack <= low and high <= clip_max + slack:  # False for NaN
+        return
+    guess = suggest_input_range(low, high)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        fix = "remove the non-finite pixels (NaN or inf) first"
+    elif guess is not None and guess != (clip_min, clip_max):
+        fix = (f"pass images scaled to [{clip_min:g}, {clip_max:g}] (e.g. x / 255 for 8-bit "
+               f"images), or call tfadv.{api}(model, x, y, ..., input_range="
+               f"({guess[0]:g}, {guess[1]:g})), which maps that range to the attack's")
+    else:
+        fix = f"clip or rescale them to [{clip_min:g}, {clip_max:g}]"
+    raise ValueError(
+        f"{who}: images must lie in [{clip_min:g}, {clip_max:g}] (clip_min, clip_max), but "
+        f"they span [{low:g}, {high:g}]: {fix}; they are not clipped silently.")
 
 
 @contextlib.contextmanager
@@ -63,11 +124,14 @@ class Attack:
 
     def compiled(self, traced, model, x, labels):
         """Calls ``traced(model, x, labels)`` compiled once per (entry point, model, input
-        signature), or inlined when already inside a traced function (see module docstring)."""
+        signature), or inlined when already inside a traced function (see module docstring).
+        An eager call first checks that ``x`` lies in [clip_min, clip_max]
+        (`check_image_range`)."""
         x = tf.convert_to_tensor(x)
         labels = tf.convert_to_tensor(labels)
         if tf.inside_function():
             return traced(model, x, labels)
+        check_image_range(x, self.clip_min, self.clip_max, type(self).__name__)
         key = (traced.__name__, id(model), tuple(x.shape[1:]), x.dtype, labels.dtype,
                tuple(labels.shape[1:]))
         with self._lock:

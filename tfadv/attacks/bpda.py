@@ -32,6 +32,26 @@ def _top_level_layers(model):
             if not isinstance(layer, keras.layers.InputLayer)]
 
 
+def _received_inputs(model):
+    """``(inputs, {id(layer): tensor})``: the tensor each layer of the functional ``model``
+    receives, in a copy of its graph (same layers) built on new inputs; ``None`` for a model
+    that cannot be rebuilt so (a Sequential model). ``layer.input`` is the tensor of a layer's
+    FIRST call, which belongs to another model when the layer is shared (e.g. a classifier
+    rebuilt behind a rescaling layer by `tfadv.evaluate`); this graph is the model's own."""
+    received = {}
+
+    def call(layer, *args, **kwargs):
+        received.setdefault(id(layer), args[0] if len(args) == 1 else None)
+        return layer(*args, **kwargs)
+
+    try:
+        copy = keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                        call_function=call)
+    except Exception:  # noqa: BLE001 (Keras raises several types for models it cannot rebuild)
+        return None
+    return copy.inputs, received
+
+
 def find_gradient_blockers(model, x):
     """The top-level layers of the functional ``model`` that block the input gradient on ``x``.
 
@@ -43,19 +63,21 @@ def find_gradient_blockers(model, x):
     if not layers or not isinstance(getattr(model, "inputs", None), list):
         return []
     x = tf.convert_to_tensor(np.asarray(x, "float32"))
+    graph = _received_inputs(model)
     blockers = []
     for layer in layers:
         if _is_marked(layer):
             blockers.append(layer)
             continue
         try:
-            layer_input = layer.input
+            inputs, layer_input = ((graph[0], graph[1].get(id(layer))) if graph is not None
+                                   else (model.inputs, layer.input))
         except (AttributeError, ValueError):  # shared layer or not in the graph
             continue
-        if isinstance(layer_input, (list, tuple, dict)):
+        if layer_input is None or isinstance(layer_input, (list, tuple, dict)):
             continue
         try:
-            probe = keras.Model(model.inputs, layer_input)
+            probe = keras.Model(inputs, layer_input)
             inner = tf.convert_to_tensor(probe(x, training=False))
             with tf.GradientTape() as tape:
                 tape.watch(inner)
@@ -87,12 +109,16 @@ class StraightThrough(keras.layers.Layer):
         self.inner = layer
 
     def call(self, x, training=None, mask=None):
+        """``inner(x)`` forward; backward through the approximation (straight-through:
+        ``surrogate + stop_gradient(inner(x) - surrogate)``)."""
         y = self.inner(x, training=training)
         approx = getattr(self.inner, "bpda_approximation", None)
         surrogate = approx(x) if callable(approx) else tf.cast(x, y.dtype)
         return surrogate + tf.stop_gradient(y - surrogate)
 
     def compute_output_shape(self, input_shape):
+        """The input shape: the wrapped layer preserves it (`find_gradient_blockers` only picks
+        shape-preserving layers)."""
         return input_shape
 
 
