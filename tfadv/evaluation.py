@@ -581,30 +581,17 @@ def _plot_curve(curve, norm, eps, path, title):
     plt.close(fig)
 
 
-def _plot_examples(x, x_adv, y, clean_pred, adv_pred, attack_name, path, count=8):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot_examples(x, x_adv, y, clean_pred, adv_pred, attack_name, path, norm):
+    """examples.png: the same labelled picture as TensorBoard's ``adversarial/examples``
+    (`tfadv.tensorboard.render_examples`), for the strongest attack."""
+    from matplotlib import image as mpimg
 
-    count = min(count, len(y), len(x_adv))
-    fig, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6), dpi=120, squeeze=False)
-    cmap = "gray" if x.shape[-1] == 1 else None
-    for i in range(count):
-        delta = x_adv[i] - x[i]
-        scale = np.abs(delta).max() or 1.0
-        panels = [(x[i], f"y={y[i]} pred={clean_pred[i]}"),
-                  (x_adv[i], f"adv pred={adv_pred[i]}"),
-                  (0.5 + 0.5 * delta / scale, f"delta x{1 / scale:.1f}")]
-        for row, (image, label) in enumerate(panels):
-            ax = axes[row, i]
-            ax.imshow(np.clip(image.squeeze(), 0, 1), cmap=cmap, vmin=0, vmax=1)
-            ax.set_title(label, fontsize=7, color="red" if row == 1 and adv_pred[i] != y[i]
-                         else "black")
-            ax.axis("off")
-    fig.suptitle(f"clean / {attack_name} / perturbation", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from tfadv.tensorboard import render_examples
+
+    picture = render_examples(x, y, clean_pred, x_adv, adv_pred, norm=norm,
+                              title=f"clean / {attack_name} / perturbation")
+    with atomic_file(path) as tmp:
+        mpimg.imsave(tmp, picture, format="png")
 
 
 # --- the evaluation --------------------------------------------------------------------------
@@ -862,7 +849,8 @@ def write_artifacts(result, output_dir, x, y, clean_logits, first_adv, predict):
         count = len(x_adv)
         _plot_examples(x[:count], x_adv, y[:count], np.argmax(clean_logits[:count], -1),
                        np.argmax(np.asarray(predict(x_adv)), -1), name,
-                       os.path.join(output_dir, "examples.png"))
+                       os.path.join(output_dir, "examples.png"),
+                       (result["threat_model"] or {}).get("norm", "linf"))
 
 
 def curve_title(result):
