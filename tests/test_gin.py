@@ -4,6 +4,7 @@ import glob
 import os
 import re
 
+import gin
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,6 +26,9 @@ MODEL_DATA = {"models/madry_mnist_cnn.gin": "datasets/mnist.gin",
 TINY = ["train.epochs = 1", "AWP.warmup_epochs = 0", "wide_resnet.depth = 10",
         "train.initial_weights = None", "load_dataset.pseudo_labeled = None",
         "wide_resnet.width = 1"]
+# mock_data gives a TFDS dataset 8 examples per split: its validation must leave some for training
+# (the digits split is fixed).
+MOCK_VALIDATION = "load_dataset.validation_size = 2"
 CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b")
 
 
@@ -37,7 +41,12 @@ def test_gin_file_parses_and_builds(name):
     files = [name]
     if name.split("/")[0] in FRAGMENT_DIRS:
         files = ["pgd_at.gin", MODEL_DATA.get(name, "datasets/digits.gin"), name]
-    config.parse(files, TINY)
+    config.parse(files, TINY, finalize=False)
+    try:
+        dataset = gin.query_parameter("load_dataset.name")
+    except ValueError:  # unbound: the default, digits
+        dataset = "digits"
+    config.parse(files, TINY + ([] if dataset == "digits" else [MOCK_VALIDATION]))
     with tfds.testing.mock_data(num_examples=8):
         built = train_lib.train("/nonexistent-model-dir", dry_run=True)
         x, y = next(iter(built["data"].test))

@@ -349,7 +349,9 @@ def test_missing_pseudo_labels_give_a_hint(fresh_phase, tmp_path):
         data.load_dataset()
     assert cli.describe(err.value) == (
         f"load_dataset.pseudo_labeled file '{tmp_path}/none.npz' does not exist.",
-        "create it with bin/pseudo_label (see gin/rst.gin for the command).")
+        "create it with bin/pseudo_label (bin/pseudo_label --gin_file=rst_teacher.gin writes "
+        "runs/rst_teacher/pseudo_labeled.npz), or bind load_dataset.pseudo_labeled to the file it "
+        "wrote.")
 
 
 def test_corrupt_models_are_user_errors(tmp_path):

@@ -433,8 +433,16 @@ def _norm_text(value):
     return {"linf": "linf", "inf": "linf", "l2": "l2", 2: "l2"}.get(key)
 
 
-DATASET_PARAMETERS = ("name", "classes", "validation_size", "data_dir", "train_split",
-                      "test_split", "test_fraction", "split_seed")
+DATASET_PARAMETERS = ("name", "classes", "validation_size", "data_dir")
+# How your own data (npz, folder, tfds:NAME) was split: taken from the run for those only.
+OWN_DATA_PARAMETERS = ("train_split", "test_split", "test_fraction", "split_seed")
+
+
+def _own_data(name):
+    """Whether a ``load_dataset.name`` is your own data (`tfadv.data.dataset_kind`'s rules,
+    without importing TensorFlow)."""
+    return isinstance(name, str) and (":" in name or name.endswith(".npz") or "/" in name
+                                      or os.sep in name)
 
 
 def find_run_dir(model_path):
@@ -490,6 +498,11 @@ def run_settings(model_path):
         key = f"load_dataset.{parameter}"
         if key in bindings:
             dataset[parameter] = _literal(bindings[key], macros)
+    if _own_data(dataset.get("name")):
+        for parameter in OWN_DATA_PARAMETERS:
+            key = f"load_dataset.{parameter}"
+            if key in bindings:
+                dataset[parameter] = _literal(bindings[key], macros)
     eps = norm = None
     for reference in re.findall(r"@([\w./]+)\(\)", bindings.get("train.eval_attacks", "")):
         short = reference.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
