@@ -141,12 +141,14 @@ def _evaluate_cli(args):
 
 def test_bin_evaluate_end_to_end(trained_digits_model, tmp_path):
     trained_digits_model.save(tmp_path / "model.keras")
-    proc = _evaluate_cli([f"--model={tmp_path}", "--attacks=fgsm,pgd10", "--eps=0.2",
-                          "--max_examples=64", "--autoattack=fast"])
+    # The default --attacks: --autoattack=fast replaces its standard AutoAttack.
+    proc = _evaluate_cli([f"--model={tmp_path}", "--eps=0.2", "--max_examples=64",
+                          "--autoattack=fast"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["num_examples"] == 64
-    assert set(result["robust_accuracy"]) == {"fgsm", "pgd10", "autoattack-fast"}
+    assert set(result["robust_accuracy"]) == {"fgsm", "pgd20", "autoattack-fast"}
+    assert result["headline"]["autoattack"] == "fast"
     assert "worst case" in proc.stdout and "[PASS] gradients" in proc.stdout
     assert proc.stdout.splitlines()[-2].startswith("ROBUST ACCURACY")  # then "wrote ..."
     assert "[reliable]" in proc.stdout and "FAST" in proc.stdout

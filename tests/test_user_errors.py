@@ -44,6 +44,10 @@ CASES = [
     # --- flags (absl parsing, then the scripts' own range checks): no TensorFlow -------------
     case("evaluate-missing-required-flag", "evaluate", [],
          E + "--model is required (bin/train model_dir, .keras file or SavedModel directory)."),
+    case("evaluate-autoattack-twice", "evaluate",
+         ["--model={tmp}/empty.keras", "--attacks=fgsm,autoattack", "--autoattack=fast"],
+         E + "--attacks names autoattack (the standard ensemble) and --autoattack=fast asks for "
+             "another headline: drop autoattack from --attacks, or --autoattack."),
     case("evaluate-unknown-flag", "evaluate", ["--model={tmp}/empty.keras", "--bogus=1"],
          E + "unknown flag --bogus.", H + "bin/evaluate --helpshort lists its flags."),
     case("evaluate-misspelt-flag", "evaluate", ["--model={tmp}/empty.keras", "--max_exmples=3"],
