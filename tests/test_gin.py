@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfadv import config
+from tfadv import data as data_lib
 from tfadv import train as train_lib
 from tfadv.attacks import kl_divergence
 from tfadv.defenses import Defense
@@ -27,7 +28,7 @@ TINY = ["train.epochs = 1", "AWP.warmup_epochs = 0", "wide_resnet.depth = 10",
         "train.initial_weights = None", "load_dataset.pseudo_labeled = None",
         "wide_resnet.width = 1"]
 # mock_data gives a TFDS dataset 8 examples per split: its validation must leave some for training
-# (the digits split is fixed).
+# (the splits of the embedded datasets are fixed).
 MOCK_VALIDATION = "load_dataset.validation_size = 2"
 CITATION = re.compile(r"et al\.|\b(19|20)\d\d\b")
 
@@ -46,7 +47,7 @@ def test_gin_file_parses_and_builds(name):
         dataset = gin.query_parameter("load_dataset.name")
     except ValueError:  # unbound: the default, digits
         dataset = "digits"
-    config.parse(files, TINY + ([] if dataset == "digits" else [MOCK_VALIDATION]))
+    config.parse(files, TINY + ([] if dataset in data_lib.EMBEDDED else [MOCK_VALIDATION]))
     with tfds.testing.mock_data(num_examples=8):
         built = train_lib.train("/nonexistent-model-dir", dry_run=True)
         x, y = next(iter(built["data"].test))

@@ -22,7 +22,7 @@ from tfadv import cli, config
 
 GIN_DIR = config.GIN_DIR
 GIN_FILES = ", ".join(sorted(f for f in os.listdir(GIN_DIR) if f.endswith(".gin")))
-DATASETS = "digits, mnist, fashion_mnist, svhn_cropped, cifar10, cifar100"
+DATASETS = "digits, mnist_5k, mnist, fashion_mnist, svhn_cropped, cifar10, cifar100"
 MODELS = ("['digits_cnn', 'gowal_cnn', 'madry_mnist_cnn', 'preact_resnet18', 'small_cnn', "
           "'wide_resnet']")
 PGD_PARAMS = ("clip_max, clip_min, eps, init_scale, loss_fn, norm, random_start, restarts, seed, "
