@@ -5,6 +5,7 @@ ranges, `tfadv.attack(model, x, y, ..., input_range=(0, 255))` maps them (`tfadv
 
 White-box: FGSM and PGD (`pgd`), MIM (`mim`), CW-L2 (`cw`), APGD-CE / APGD-DLR and APGD-T
 (`apgd`), FAB-T (`fab`). Black-box: Square (`square`). The AutoAttack ensemble (`autoattack`).
+Patches (norm 'patch', eps = the patch side): `PatchPGD` and `UniversalPatch` (`patch`).
 By name: `tfadv.attacks.registry.build_attack`.
 """
 
@@ -16,10 +17,11 @@ from tfadv.attacks.fab import FABTargeted
 from tfadv.attacks.losses import (cross_entropy, cw_margin, dlr, dlr_targeted, get_loss,
                                   kl_divergence)
 from tfadv.attacks.mim import MIM
+from tfadv.attacks.patch import PatchPGD, UniversalPatch
 from tfadv.attacks.pgd import FGSM, PGD, parse_norm, project, random_in_ball
 from tfadv.attacks.registry import build_attack
 from tfadv.attacks.square import Square
 
 __all__ = ["APGD", "APGDTargeted", "Attack", "AutoAttack", "CarliniWagnerL2", "FABTargeted",
-           "FGSM", "MIM", "PGD", "Square", "build_attack", "cross_entropy", "cw_margin", "dlr",
+           "FGSM", "MIM", "PGD", "PatchPGD", "Square", "UniversalPatch", "build_attack", "cross_entropy", "cw_margin", "dlr",
            "dlr_targeted", "get_loss", "kl_divergence", "parse_norm", "project", "random_in_ball"]

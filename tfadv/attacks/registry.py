@@ -6,6 +6,13 @@ with the Carlini-Wagner margin loss); ``mim``; ``cw-l2`` (L2 only); ``apgd-ce``;
 ``apgd-t``; ``fab-t``; ``square``; ``autoattack`` (the standard version, the headline of every
 report); ``autoattack-rand`` (APGD-CE and APGD-DLR with EOT over 20 samples, for randomised
 models); ``autoattack-fast`` (a cheaper screen, labelled as such wherever it is reported).
+
+The patch threat model (``norm='patch'``, eps = the patch side m in pixels; `tfadv.attacks.patch`):
+``patch`` (PGD on the patch content at every location, 150 steps of 0.05: the strongest, the
+headline of patch reports); ``patch-fast`` (a 5-step screen at every location, then 150 steps at
+the 10 best and 10 random locations); ``patch-random80`` (Chiang et al.'s evaluation: 150 steps at
+80 random locations); ``upatch`` (a universal patch, Brown et al. 2017, fitted on each batch and
+tried at every location).
 """
 
 import re
@@ -13,12 +20,17 @@ import re
 from tfadv.attacks.pgd import FGSM, PGD, parse_norm
 
 NAMES = ("fgsm", "pgdK", "pgdK-cw", "mim", "cw-l2", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
-         "square", "autoattack", "autoattack-rand", "autoattack-fast")
+         "square", "autoattack", "autoattack-rand", "autoattack-fast", "patch", "patch-fast",
+         "patch-random80", "upatch")
+PATCH_NAMES = ("patch", "patch-fast", "patch-random80", "upatch")
 
 
 def build_attack(name, eps, norm="linf", seed=0):
     """The attack called ``name`` (see module docstring) for the threat model (norm, eps)."""
     key = name.strip().lower()
+    patch_norm = isinstance(norm, str) and norm.strip().lower() == "patch"
+    if key in PATCH_NAMES or patch_norm:
+        return _patch_attack(key, name, eps, patch_norm, seed)
     norm = parse_norm(norm)
     match = re.fullmatch(r"pgd(\d+)(-cw)?", key)
     if key == "fgsm":
@@ -54,3 +66,20 @@ def build_attack(name, eps, norm="linf", seed=0):
         return AutoAttack(eps, norm=norm, version=version, seed=seed)
     raise ValueError(f"unknown attack name {name!r}; known: {', '.join(NAMES)} "
                      f"(K = number of PGD steps, e.g. pgd20).")
+
+
+def _patch_attack(key, name, eps, patch_norm, seed):
+    """The patch attack ``key`` for an eps x eps patch (norm 'patch')."""
+    if key not in PATCH_NAMES:
+        raise ValueError(f"attack {name!r} is not a patch attack: with norm 'patch' use one of "
+                         f"{', '.join(PATCH_NAMES)}.")
+    if not patch_norm:
+        raise ValueError(f"attack {name!r} is a patch attack: use norm 'patch' (eps = the patch "
+                         f"side in pixels).")
+    from tfadv.attacks.patch import PatchPGD, UniversalPatch
+    if key == "upatch":
+        return UniversalPatch(eps, seed=seed)
+    settings = {"patch": {"locations": "all"},
+                "patch-fast": {"locations": 10, "screen_steps": 5},
+                "patch-random80": {"locations": 80, "screen_steps": 0}}[key]
+    return PatchPGD(eps, steps=150, step_size=0.05, seed=seed, **settings)
