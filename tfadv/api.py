@@ -475,7 +475,8 @@ def run_settings(model_path):
     Returns a dict: ``run_dir``; ``source`` (the file read); ``dataset``, the
     ``load_dataset`` bindings among `DATASET_PARAMETERS` (name, classes, validation_size,
     data_dir); ``eps`` and ``norm`` of the final evaluation's threat model: those of the first
-    attack in ``train.eval_attacks`` with an ``eps`` bound (``None`` when none is)."""
+    attack in ``train.eval_attacks`` with an ``eps`` bound, or ``norm='patch'`` and eps = the
+    ``size`` bound to a patch attack (``None`` when none is)."""
     from tfadv import rundir
 
     run_dir = find_run_dir(model_path)
@@ -516,5 +517,9 @@ def run_settings(model_path):
         value = bound("eps")
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             eps, norm = float(value), _norm_text(bound("norm") or "linf")
+            break
+        side = bound("size")  # a patch attack (tfadv.attacks.patch): eps is the patch side
+        if "patch" in short.lower() and isinstance(side, int) and not isinstance(side, bool):
+            eps, norm = side, "patch"
             break
     return {"run_dir": run_dir, "source": source, "dataset": dataset, "eps": eps, "norm": norm}

@@ -27,7 +27,18 @@ does not make the headline unreliable.
   example and the per-attack numbers compare attacks, not noise;
 - no gradient path, non-finite, zero or saturated input gradients: Square with a larger query
   budget, and BPDA (`tfadv.attacks.bpda`): layers found to block the gradient get a
-  straight-through backward pass and the standard AutoAttack runs through them.
+  straight-through backward pass and the standard AutoAttack runs through them;
+- layers that declare themselves non-differentiable (``non_differentiable = True``: local
+  gradient smoothing, inpainting, band-vote smoothing; `tfadv.attacks.bpda.marked_layers`) get
+  BPDA whatever the gradient check says: a gradient that exists can still mislead. The
+  non-adaptive attack and its BPDA version are reported side by side (``bpda-<attack>``) and the
+  worst case of the two is in the headline.
+
+**The patch threat model** (``norm='patch'``, eps = the side m of an m x m patch in pixels;
+`tfadv.attacks.patch`): there is no AutoAttack for patches, so the strongest attack is the patch
+PGD at every location (``patch``; ``autoattack='fast'`` adds the screen ``patch-fast``
+instead, labelled as such); the remedies are its EOT and BPDA versions, and the curve runs the
+screen per patch side up to a patch as large as the image. The other checks are the same.
 
 The **robustness curve** runs the cheaper AutoAttack screen (APGD-CE + APGD-T, the ``fast``
 version; ``rand`` for randomised models) at each eps of the grid, and at the threat model's eps
@@ -74,6 +85,7 @@ HEADLINE_VERSIONS = ("standard", "fast")  # of the AutoAttack in every headline
 UNRELIABLE_EXIT_CODE = 3  # bin/train and bin/evaluate exit with it for an unreliable headline
 PGD_GAP = 0.05  # pgd_vs_strongest: PGD more than this above the strongest attack is unreliable
 EOT_SAMPLES = 20  # AutoAttack 'rand': model calls averaged per gradient, and votes per prediction
+PATCH = "patch"  # the patch threat model's norm name; its eps is the patch side in pixels
 
 
 # --- models --------------------------------------------------------------------------------
@@ -408,17 +420,37 @@ class _Runner:
 
 def curve_attack(eps, norm, seed=0, randomised=False):
     """The attack behind the robustness curve: AutoAttack's cheaper screen, APGD-CE + APGD-T
-    (version ``fast``), or its EOT version ``rand`` for a randomised model."""
+    (version ``fast``), or its EOT version ``rand`` for a randomised model; for the patch threat
+    model (eps = the side) the patch screen ``patch-fast``, with EOT for a randomised model."""
+    if _is_patch_norm(norm):
+        from tfadv.attacks.registry import build_attack
+
+        attack = build_attack("patch-fast", int(eps), PATCH, seed=seed)
+        if randomised:
+            attack.eot_samples = EOT_SAMPLES
+        return attack
     return AutoAttack(eps, norm=norm, version="rand" if randomised else "fast", seed=seed)
 
 
 def _large_eps(norm, image_shape):
-    """An eps at which any image of the box is reachable: 1 (L-inf) or the box diagonal (L2)."""
+    """An eps at which any image of the box is reachable: 1 (L-inf), the box diagonal (L2), or
+    a patch as large as the image (patch)."""
+    if _is_patch_norm(norm):
+        return int(min(image_shape[0], image_shape[1]))
     return 1.0 if parse_norm(norm) == np.inf else float(np.sqrt(np.prod(image_shape)))
 
 
+def _is_patch_norm(norm):
+    return isinstance(norm, str) and norm.strip().lower() == PATCH
+
+
+def _is_patch(threat):
+    return threat is not None and threat["norm"] == PATCH
+
+
 def _threat_model(threat_model):
-    """``{'norm': 'linf' | 'l2', 'eps': float}`` from a dict with ``eps`` and ``norm``."""
+    """``{'norm': 'linf' | 'l2', 'eps': float}``, or ``{'norm': 'patch', 'eps': int}`` (eps =
+    the patch side in pixels), from a dict with ``eps`` and ``norm``."""
     try:
         eps, norm = threat_model["eps"], threat_model["norm"]
     except (KeyError, TypeError):
@@ -426,18 +458,59 @@ def _threat_model(threat_model):
                          f"{threat_model!r}.") from None
     from tfadv.checks import check_number
 
+    if _is_patch_norm(norm):
+        check_number("threat_model['eps'] (the patch side in pixels)", eps, 1, strict=False,
+                     integer=True)
+        return {"norm": PATCH, "eps": int(eps)}
     check_number("threat_model['eps']", eps, 0.0, strict=False)
     return {"norm": norm_name(norm), "eps": float(eps)}
 
 
 def _threat(attacks):
-    return next(({"norm": norm_name(a.norm), "eps": a.eps}
-                 for a in attacks.values() if hasattr(a, "eps") and hasattr(a, "norm")), None)
+    for a in attacks.values():
+        if hasattr(a, "eps") and hasattr(a, "norm"):
+            if _is_patch_norm(a.norm):
+                return {"norm": PATCH, "eps": int(a.eps)}
+            return {"norm": norm_name(a.norm), "eps": a.eps}
+    return None
+
+
+def _patch_version(attack):
+    """``'patch'`` for a patch PGD at every location, ``'patch-fast'`` for one that screens
+    every location first, else None (random locations or a universal patch: no headline)."""
+    if not (_is_patch_norm(getattr(attack, "norm", None)) and hasattr(attack, "locations")):
+        return None
+    if attack.locations == "all":
+        return "patch"
+    return "patch-fast" if attack.screen_steps > 0 else None
+
+
+def _is_patch_attack(attack):
+    """A patch attack strong enough for the headline (`_patch_version`)."""
+    return _patch_version(attack) is not None
 
 
 def _autoattack_version(attacks):
+    """The strongest attack family in ``attacks``, the headline's label: an AutoAttack version
+    (``standard``, ``rand``, ``fast``), or for the patch threat model ``patch`` (patch PGD at
+    every location) or ``patch-fast`` (the screen); ``None`` when there is none of them."""
     versions = {a.version for a in attacks.values() if isinstance(a, AutoAttack)}
-    return next((v for v in ("standard", "rand", "fast") if v in versions), None)
+    versions |= {_patch_version(a) for a in attacks.values() if _is_patch_attack(a)}
+    return next((v for v in ("standard", "rand", "fast", "patch", "patch-fast")
+                 if v in versions), None)
+
+
+def _headline_attack(threat, version, seed):
+    """``(name, attack)``: the attack `evaluate` adds for the headline: AutoAttack (``version``
+    ``standard`` or ``fast``) for L-inf/L2; for patches the patch PGD at every location
+    (``standard``) or the patch screen (``fast``)."""
+    if _is_patch(threat):
+        from tfadv.attacks.registry import build_attack
+
+        name = "patch" if version == "standard" else "patch-fast"
+        return name, build_attack(name, threat["eps"], PATCH, seed=seed)
+    name = "autoattack" if version == "standard" else "autoattack-fast"
+    return name, AutoAttack(threat["eps"], norm=threat["norm"], version=version, seed=seed)
 
 
 # --- sanity checks ---------------------------------------------------------------------------
@@ -568,8 +641,11 @@ def _plot_curve(curve, norm, eps, path, title):
     head = [c for c in curve if c.get("attack") == "headline"]
     if head:
         ax.plot([head[0]["eps"]], [100 * head[0]["accuracy"]], "r*", markersize=11,
-                label="headline (worst case incl. AutoAttack)")
-    ax.set_xlabel(f"eps ({'L-inf' if parse_norm(norm) == np.inf else 'L2'}, [0, 1] pixels)")
+                label="headline (worst case incl. the strongest attack)")
+    if _is_patch_norm(norm):
+        ax.set_xlabel("patch side (pixels)")
+    else:
+        ax.set_xlabel(f"eps ({'L-inf' if parse_norm(norm) == np.inf else 'L2'}, [0, 1] pixels)")
     ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.axvline(eps, color="gray", linestyle="--", linewidth=1, label=f"threat model eps={eps:g}")
@@ -596,30 +672,50 @@ def _plot_examples(x, x_adv, y, clean_pred, adv_pred, attack_name, path, norm):
 
 # --- the evaluation --------------------------------------------------------------------------
 def _remedies(model, checks, threat, x, seed, square_queries, version):
-    """``name -> (attack, attack_model, reason)`` for the failed model checks (module docstring)."""
-    from tfadv.attacks.bpda import bpda_model, find_gradient_blockers
-    from tfadv.attacks.square import Square
+    """``name -> (attack, attack_model, reason)`` for the failed model checks and for layers
+    marked non-differentiable (module docstring)."""
+    from tfadv.attacks.bpda import bpda_model, find_gradient_blockers, marked_layers
 
     failed = {c["name"] for c in checks if c["passed"] is False}
     eps, norm = threat["eps"], threat["norm"]
+    patch = _is_patch(threat)
+    strongest = version if version in ("standard", "fast") else "standard"
+    if patch:
+        strongest = "fast" if version == "patch-fast" else "standard"
     out = {}
     if "deterministic" in failed:
-        out["eot-autoattack-rand"] = (
-            AutoAttack(eps, norm=norm, version="rand", seed=seed), None,
-            f"randomised predictions: APGD-CE and APGD-DLR with EOT over {EOT_SAMPLES} calls "
-            f"per gradient (AutoAttack 'rand')")
-    if "gradients" in failed:
+        if patch:
+            name, attack = _headline_attack(threat, strongest, seed)
+            attack.eot_samples = EOT_SAMPLES
+            out[f"eot-{name}"] = (
+                attack, None, f"randomised predictions: {name} with the gradient averaged over "
+                f"{EOT_SAMPLES} calls (EOT)")
+        else:
+            out["eot-autoattack-rand"] = (
+                AutoAttack(eps, norm=norm, version="rand", seed=seed), None,
+                f"randomised predictions: APGD-CE and APGD-DLR with EOT over {EOT_SAMPLES} calls "
+                f"per gradient (AutoAttack 'rand')")
+    if "gradients" in failed and not patch:
+        from tfadv.attacks.square import Square
+
         out[f"square-{square_queries}"] = (
             Square(eps, norm=norm, n_queries=square_queries, seed=seed + 1), None,
             f"masked gradients: the black-box Square attack with {square_queries} queries")
+    blockers = marked_layers(model)
+    why = "layers marked non-differentiable"
+    if "gradients" in failed:
         blockers = find_gradient_blockers(model, x)
-        if blockers:
-            names = ", ".join(layer.name for layer in blockers)
-            out["bpda-autoattack"] = (
-                AutoAttack(eps, norm=norm, version=version or "standard", seed=seed),
-                bpda_model(model, blockers),
-                f"masked gradients: BPDA (straight-through backward pass) through the layers "
-                f"that block the gradient ({names}), then AutoAttack")
+        why = "masked gradients: the layers that block the gradient"
+    if blockers:
+        names = ", ".join(layer.name for layer in blockers)
+        if patch:
+            name, attack = _headline_attack(threat, strongest, seed)
+        else:
+            name, attack = "autoattack", AutoAttack(eps, norm=norm, version=version or "standard",
+                                                    seed=seed)
+        out[f"bpda-{name}"] = (
+            attack, bpda_model(model, blockers),
+            f"{why} ({names}) get a straight-through backward pass (BPDA), then {name}")
     return out
 
 
@@ -631,7 +727,8 @@ def _headline(result, sanity, version):
     failed = [c["name"] for c in result["sanity_checks"]
               if c["passed"] is False and c.get("affects_headline", True)]
     if version is None:
-        failed.append("no_autoattack")
+        failed.append("no_patch_attack" if _is_patch(result.get("threat_model"))
+                      else "no_autoattack")
     if failed:
         verdict = "unreliable: " + ", ".join(failed)
     elif not sanity:
@@ -642,7 +739,11 @@ def _headline(result, sanity, version):
              "rand": "worst case incl. AutoAttack (rand, EOT)",
              "fast": "worst case incl. AutoAttack-FAST (APGD-CE + APGD-T, not the standard "
                      "ensemble)",
-             None: "worst case WITHOUT AutoAttack"}[version]
+             "patch": "worst case incl. patch PGD at every location",
+             "patch-fast": "worst case incl. the patch screen (PGD at the best screened "
+                           "locations, not every location)",
+             None: ("worst case WITHOUT a patch PGD attack" if _is_patch(
+                 result.get("threat_model")) else "worst case WITHOUT AutoAttack")}[version]
     return {"accuracy": result["worst_case_accuracy"], "verdict": verdict,
             "reliable": not failed, "autoattack": version, "label": label,
             "attacks": list(robust)}
@@ -680,7 +781,8 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
         evaluation of the same weights, data and seed.
       square_queries: query budget of the Square remedy for masked gradients (AutoAttack's own
         Square has 5,000).
-      threat_model: ``{'eps': ..., 'norm': 'linf' | 'l2'}`` of the added AutoAttack, the
+      threat_model: ``{'eps': ..., 'norm': 'linf' | 'l2' | 'patch'}`` of the added AutoAttack
+        (for 'patch', eps is the patch side in pixels and the patch PGD is added), the
         remedies and the robustness curve; default: that of the first attack with ``eps`` and
         ``norm``. Given, the headline holds AutoAttack even when ``attacks`` is empty.
 
@@ -719,14 +821,20 @@ def evaluate(model, dataset, attacks=None, sanity=True, autoattack="standard", r
     check_image_range(x_all, 0.0, 1.0, "evaluate: dataset", api="evaluate")
     n = len(y_all)
     threat = _threat_model(threat_model) if threat_model else _threat(attacks)
-    if autoattack and threat and not any(isinstance(a, AutoAttack) for a in attacks.values()):
-        name = "autoattack" if autoattack == "standard" else "autoattack-fast"
-        attacks[name] = AutoAttack(threat["eps"], norm=threat["norm"], version=autoattack,
-                                   seed=seed)
+    if _is_patch(threat):
+        from tfadv.attacks.patch import check_patch_size
+
+        check_patch_size(threat["eps"], image_shape, name="threat_model['eps'] (the patch side)")
+    family = _is_patch_attack if _is_patch(threat) else (lambda a: isinstance(a, AutoAttack))
+    if autoattack and threat and not any(family(a) for a in attacks.values()):
+        name, attack = _headline_attack(threat, autoattack, seed)
+        attacks[name] = attack
     grid = []
     if sanity and threat:
         grid = [f * threat["eps"] for f in curve_fractions] + [
             _large_eps(threat["norm"], image_shape)]
+        if _is_patch(threat):  # patch sides are whole pixels
+            grid = sorted({int(round(e)) for e in grid})
     curve_runs = [e for e in grid if e > 0 and not np.isclose(e, threat["eps"])]
     with Progress(n * (len(attacks) + len(curve_runs)), verbose=verbose) as progress:
         if sanity:
@@ -856,9 +964,25 @@ def write_artifacts(result, output_dir, x, y, clean_logits, first_adv, predict):
 def curve_title(result):
     """Which attack the robustness curve used, in words."""
     attacks = {c["attack"] for c in result.get("robustness_curve", [])}
+    if _is_patch(result.get("threat_model")):
+        return "robustness curve: the patch screen per patch side (pixels)"
     family = ("AutoAttack rand (EOT APGD-CE + APGD-DLR)" if any("rand" in a for a in attacks)
               else "AutoAttack fast (APGD-CE + APGD-T)")
     return f"robustness curve: {family} per eps"
+
+
+def adaptive_pairs(result):
+    """Each attack next to its adaptive version among the remedies (``bpda-<name>``: BPDA
+    through non-differentiable layers; ``eot-<name>``: EOT over a randomised model): a list of
+    ``{'attack', 'non_adaptive', 'adaptive', 'adaptive_accuracy'}`` (accuracies in [0, 1])."""
+    robust = result.get("robust_accuracy", {})
+    pairs = []
+    for remedy in result.get("remedies", []):
+        prefix, _, base = remedy["name"].partition("-")
+        if prefix in ("bpda", "eot") and base in robust:
+            pairs.append({"attack": base, "non_adaptive": robust[base],
+                          "adaptive": remedy["name"], "adaptive_accuracy": remedy["accuracy"]})
+    return pairs
 
 
 def headline_line(result):
@@ -894,6 +1018,10 @@ def format_table(result):
     for remedy in result.get("remedies", []):
         lines.append(f"remedy {remedy['name']}: {100 * remedy['accuracy']:.2f}% "
                      f"({remedy['reason']})")
+    for pair in adaptive_pairs(result):
+        lines.append(f"non-adaptive vs adaptive: {pair['attack']} "
+                     f"{100 * pair['non_adaptive']:.2f}% | {pair['adaptive']} "
+                     f"{100 * pair['adaptive_accuracy']:.2f}%")
     if result.get("robustness_curve"):
         lines.append(curve_title(result) + ": " + ", ".join(
             f"{c['eps']:g}: {100 * c['accuracy']:.1f}%" for c in result["robustness_curve"]))

@@ -432,10 +432,10 @@ def render_examples(x, y, clean_pred, x_adv=None, adv_pred=None, scale=None, tit
     for i in range(count):
         labels = [(f"y={y[i]} pred={int(clean_pred[i])}", int(clean_pred[i]) != y[i])]
         if x_adv is not None:
-            size = (np.abs(delta[i]).max() if norm in ("linf", np.inf, "inf")
+            size = (np.abs(delta[i]).max() if norm in ("linf", np.inf, "inf", "patch")
                     else np.sqrt((delta[i] ** 2).sum()))
             labels += [(f"pred={int(adv_pred[i])}", int(adv_pred[i]) != y[i]),
-                       (f"{'max|d|' if norm in ('linf', np.inf, 'inf') else '|d|2'}"
+                       (f"{'max|d|' if norm in ('linf', np.inf, 'inf', 'patch') else '|d|2'}"
                         f"={size:.2f}", False)]
         for row, (label, wrong) in enumerate(labels):
             top, left = layout.tile(row, i)

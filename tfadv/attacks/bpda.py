@@ -137,3 +137,11 @@ def bpda_model(model, layers):
         return keras.models.clone_model(model, clone_function=clone)
     except Exception as error:  # noqa: BLE001 (Keras raises several types here)
         raise ValueError(f"cannot rebuild {model.name!r} with BPDA layers: {error}") from error
+
+
+def marked_layers(model):
+    """The top-level layers of ``model`` that declare themselves non-differentiable (attribute
+    ``non_differentiable = True``: e.g. local gradient smoothing, inpainting, band-vote
+    smoothing); `tfadv.evaluation` attacks them with BPDA even when their gradients look fine,
+    since a gradient that exists can still mislead (Athalye et al. 2018, Sec. 4.1)."""
+    return [layer for layer in _top_level_layers(model) if _is_marked(layer)]
