@@ -61,6 +61,10 @@ def _check_threat(eps, norm):
     from tfadv.attacks.pgd import norm_name
     from tfadv.checks import check_number
 
+    if isinstance(norm, str) and norm.strip().lower() == "patch":
+        check_number("eps (the patch side in pixels, norm='patch')", eps, 1, strict=False,
+                     integer=True)
+        return {"eps": int(eps), "norm": "patch"}
     check_number("eps", eps, 0.0, strict=False)
     if not math.isfinite(eps):
         raise ValueError(f"eps must be finite; got {eps!r}.")
@@ -263,8 +267,8 @@ def _attacks(attacks, threat, seed):
     from tfadv.attacks import registry
     from tfadv.attacks.pgd import norm_name
 
-    if attacks is None:
-        attacks = DEFAULT_ATTACKS
+    if attacks is None:  # the patch threat model's headline (the patch PGD) is added later
+        attacks = [] if threat is not None and threat["norm"] == "patch" else DEFAULT_ATTACKS
     if isinstance(attacks, str):
         attacks = [a.strip() for a in attacks.split(",") if a.strip()]
     if isinstance(attacks, dict):
@@ -285,11 +289,13 @@ def _attacks(attacks, threat, seed):
                     f"attacks[{name!r}] clips to [{box[0]:g}, {box[1]:g}], but tfadv.evaluate "
                     f"and tfadv.attack map images to [0, 1]: build it with clip_min=0, "
                     f"clip_max=1 (the default) and give the images' range as input_range.")
-            if threat is not None and hasattr(attack, "eps") and hasattr(attack, "norm") and (
+            own = (getattr(attack, "norm", None) if getattr(attack, "norm", None) == "patch"
+                   else norm_name(attack.norm) if hasattr(attack, "norm") else None)
+            if threat is not None and hasattr(attack, "eps") and own is not None and (
                     not math.isclose(attack.eps, threat["eps"], rel_tol=1e-6, abs_tol=1e-12)
-                    or norm_name(attack.norm) != threat["norm"]):
+                    or own != threat["norm"]):
                 raise ValueError(
-                    f"attacks[{name!r}] has eps={attack.eps:g}, norm={norm_name(attack.norm)}, "
+                    f"attacks[{name!r}] has eps={attack.eps:g}, norm={own}, "
                     f"but the evaluation's threat model is eps={threat['eps']:g}, "
                     f"norm={threat['norm']}: every attack of one evaluation shares it.")
         key, n = name, 1
@@ -315,8 +321,9 @@ def evaluate(model, x, y=None, *, eps, norm="linf", input_range=UNIT_RANGE, atta
       y: integer labels or one-hot rows (a scalar or one row for one image); ``None`` when
         ``x`` is a dataset.
       eps: the threat model's radius in [0, 1] units, a fraction of ``input_range`` (module
-        docstring); required.
-      norm: ``'linf'`` or ``'l2'``.
+        docstring), or for ``norm='patch'`` the side of the square patch in pixels; required.
+      norm: ``'linf'``, ``'l2'`` or ``'patch'`` (an eps x eps patch of any content anywhere in
+        the image: `tfadv.attacks.patch`; the headline is the patch PGD at every location).
       input_range: ``(lo, hi)``, the range of ``x`` and of the model's input: (0, 1), (0, 255)
         for 8-bit images, (-1, 1), ...; images outside it raise a ValueError.
       attacks: the diagnostic attacks besides AutoAttack: names of
