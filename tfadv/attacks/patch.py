@@ -16,6 +16,7 @@ With a location's 0/1 mask M (1 inside the square) the patched image is
 [(1 - M) * x, (1 - M) * x + M] (`patch_box`), which interval bound propagation certifies.
 """
 
+import gin
 import numpy as np
 import tensorflow as tf
 
@@ -100,6 +101,7 @@ def _patch_losses_and_logits(model, eot_samples, training):
     return expected
 
 
+@gin.configurable
 class PatchPGD(Attack):
     """LaVAN-style patch attack: PGD on the content of an m x m patch at each candidate location,
     keeping per example the strongest (location, content) pair.
@@ -291,6 +293,7 @@ def place_patch(patch, corners, image_shape):
     return canvas, patch_masks(image_shape, size, corners)
 
 
+@gin.configurable
 class UniversalPatch(Attack):
     """Universal adversarial patch (Brown, Mane, Roy, Abadi, Gilmer, "Adversarial Patch", 2017):
     one m x m patch p for every image, trained with expectation over transformation over
