@@ -28,7 +28,8 @@ MODELS = ("['digits_cnn', 'gowal_cnn', 'madry_mnist_cnn', 'preact_resnet18', 'sm
 PGD_PARAMS = ("clip_max, clip_min, eps, init_scale, loss_fn, norm, random_start, restarts, seed, "
               "select, step_size, steps, training")
 ATTACKS = ("fgsm, pgdK, pgdK-cw, mim, cw-l2, apgd-ce, apgd-dlr, apgd-t, fab-t, square, "
-           "autoattack, autoattack-rand, autoattack-fast (K = number of PGD steps, e.g. pgd20)")
+           "autoattack, autoattack-rand, autoattack-fast, patch, patch-fast, patch-random80, upatch "
+           "(K = number of PGD steps, e.g. pgd20)")
 TRAIN = ("--gin_file=pgd_at_base.gin", "--model_dir={tmp}/run")
 E = "tfadv: error: "
 H = "tfadv: hint: "
@@ -56,7 +57,7 @@ CASES = [
     case("evaluate-float-flag-not-a-number", "evaluate",
          ["--model={tmp}/empty.keras", "--eps=abc"], E + "--eps must be a float; got 'abc'."),
     case("evaluate-enum-flag", "evaluate", ["--model={tmp}/empty.keras", "--norm=l3"],
-         E + "--norm must be one of linf, l2; got 'l3'."),
+         E + "--norm must be one of linf, l2, patch; got 'l3'."),
     case("evaluate-bool-flag", "evaluate", ["--model={tmp}/empty.keras", "--sanity=maybe"],
          E + "--sanity is a boolean flag (--sanity, --nosanity, --sanity=true|false); got "
              "'maybe'."),
