@@ -26,7 +26,8 @@ MODEL_DATA = {"models/madry_mnist_cnn.gin": "datasets/mnist.gin",
               "models/wrn28_10.gin": "datasets/cifar10.gin"}
 TINY = ["train.epochs = 1", "AWP.warmup_epochs = 0", "wide_resnet.depth = 10",
         "train.initial_weights = None", "load_dataset.pseudo_labeled = None",
-        "wide_resnet.width = 1"]
+        "wide_resnet.width = 1", "test_attack/PatchPGD.steps = 2",
+        "test_attack/PatchPGD.locations = 2"]
 # mock_data gives a TFDS dataset 8 examples per split: its validation must leave some for training
 # (the splits of the embedded datasets are fixed).
 MOCK_VALIDATION = "load_dataset.validation_size = 2"
