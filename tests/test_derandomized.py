@@ -364,3 +364,28 @@ def test_clear_errors_for_band_width_threshold_and_patch_size():
         BandAblationTraining(f)
     with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
         dr.certify_bands(f, x + 2, y, [1], band_width=2)
+
+
+def test_bin_certify_loads_a_saved_smoothed_classifier_in_a_fresh_process(tmp_path):
+    import json
+
+    from conftest import run_bin
+    from tfadv import data
+
+    keras.utils.set_random_seed(3)
+    smoothed = band_ablation_model((8, 8, 1), 10, base="digits_cnn", band_width=2)
+    path = str(tmp_path / "model.keras")
+    smoothed.save(path)
+    out = tmp_path / "out"
+    result = run_bin("certify", f"--model={path}", "--method=patch", "--patch_sizes=1,2",
+                     "--dataset=digits", "--max_examples=20", f"--output_dir={out}",
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "de-randomized column smoothing" in result.stdout
+    report = json.loads((out / "certify.json").read_text())
+    expected = dr.certified_band_accuracy(smoothed, data.load_dataset("digits").test, [1, 2],
+                                          max_examples=20)
+    assert report["method"] == "derandomized"
+    assert report["certified_accuracy"] == {str(m): a for m, a in
+                                            expected["certified_accuracy"].items()}
+    assert report["clean_accuracy"] == expected["clean_accuracy"]

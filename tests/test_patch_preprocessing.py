@@ -1,4 +1,4 @@
-"""Patch pre-processing defenses (tfadv.defenses.patch_preprocessing): LGS against an independent
+"""Patch pre-processing defenses (tfadv.preprocessing): LGS against an independent
 NumPy computation of x * (1 - clip(lambda * g~, 0, 1)), harmonic inpainting on linear ramps,
 the saliency mask's erosion and dilation, the watermark defense on a linear classifier whose
 saliency is known in closed form, saving / loading / export, argument errors, and BPDA through
@@ -12,8 +12,8 @@ import tensorflow as tf
 
 from tfadv import export
 from tfadv.attacks import bpda
-from tfadv.defenses import patch_preprocessing as pp
-from tfadv.defenses.patch_preprocessing import (LocalGradientSmoothing, PreprocessedClassifier,
+from tfadv import preprocessing as pp
+from tfadv.preprocessing import (LocalGradientSmoothing, PreprocessedClassifier,
                                                 WatermarkDefense, inpaint, patch_mask,
                                                 preprocessed_model, with_preprocessing)
 

@@ -350,7 +350,11 @@ def load_classifier(model_path, name="model"):
     import keras
     import tensorflow as tf
 
-    from tfadv import heads  # noqa: F401  (registers the head layers for keras.models.load_model)
+    # Registers tfadv's layers and models for keras.models.load_model: the heads, the patch
+    # pre-processing layers and the de-randomized smoothing model.
+    from tfadv import heads  # noqa: F401
+    from tfadv import preprocessing  # noqa: F401
+    from tfadv.certify import derandomized  # noqa: F401
     from tfadv.cli import UserError
 
     resolved = resolve_model_path(model_path, name)

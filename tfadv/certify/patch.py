@@ -227,11 +227,12 @@ def certified_patch_accuracy(model, data, patch_sizes, max_examples=None, max_ba
 
 
 def format_table(report):
-    """A plain-text table of a `certified_patch_accuracy` report."""
+    """A plain-text table of a `certified_patch_accuracy` report (or of
+    `tfadv.certify.derandomized.certified_band_accuracy`'s, which has no location counts)."""
     head = "patch   locations  certified accuracy"
     lines = [head, "-" * len(head)]
     for m, acc in report["certified_accuracy"].items():
-        lines.append(f"{f'{m}x{m}':<7} {report['num_locations'][m]:>9}  {100 * acc:17.2f}%")
+        lines.append(f"{f'{m}x{m}':<7} {report.get('num_locations', {}).get(m, '-'):>9}  {100 * acc:17.2f}%")
     lines.append(f"(clean accuracy {100 * report['clean_accuracy']:.2f}%; "
                  f"{report['num_examples']} examples; {report['seconds']:.1f} s)")
     return "\n".join(lines)

@@ -2,8 +2,9 @@
 objective (`Defense.prepare` + `Defense.objective`; the shared `train_step` is in `base`).
 
 `AWP` is not a defense of its own: any defense with ``supports_awp`` takes one as ``awp=``.
-`patch_preprocessing` holds input transformations against patches (LGS, saliency + inpainting),
-layers placed in front of a classifier rather than training objectives. `band_ablation` trains
+`tfadv.preprocessing` holds input transformations against patches (LGS, saliency + inpainting),
+layers placed in front of a classifier rather than training objectives; they are re-exported
+here. `band_ablation` trains
 the base classifier of de-randomized column smoothing (`tfadv.certify.derandomized`); its
 ``band_ablation_model`` builds the smoothed classifier that `tfadv.train` trains and saves."""
 
@@ -20,7 +21,7 @@ from tfadv.defenses.ibp import IntervalBoundPropagation
 from tfadv.defenses.mart import MART
 from tfadv.defenses.mmc import MMC, RandomTargetPGD
 from tfadv.defenses.patch_ibp import CertifiedPatchTraining, chiang_mlp
-from tfadv.defenses.patch_preprocessing import (LocalGradientSmoothing, PreprocessedClassifier,
+from tfadv.preprocessing import (LocalGradientSmoothing, PreprocessedClassifier,
                                                 WatermarkDefense, preprocessed_model,
                                                 with_preprocessing)
 from tfadv.defenses.pgd_at import PGDAdversarialTraining, StandardTraining
