@@ -206,7 +206,12 @@ def _serving_module(model, image_shape):
 
     @tf.function(input_signature=[tf.TensorSpec(batch, tf.float32, name=INPUT_NAME)])
     def classify_unchecked(images):
-        logits = tf.cast(model(images, training=False), tf.float32)
+        # An empty batch skips the model: TF 2.21's oneDNN convolution fails on zero images on
+        # some CPUs ("input depth must be evenly divisible by filter depth").
+        num_classes = int(model.output_shape[-1])
+        logits = tf.cond(tf.shape(images)[0] > 0,
+                         lambda: tf.cast(model(images, training=False), tf.float32),
+                         lambda: tf.zeros([0, num_classes], tf.float32))
         return {"logits": logits,
                 "probabilities": tf.nn.softmax(logits, axis=-1),
                 "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
